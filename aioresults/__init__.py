@@ -1,0 +1,88 @@
+"""aioresults: store and await the results of distributed tasks from asyncio.
+
+The one front door: everything public is importable from here, and backends
+from ``aioresults.backends.<name>``.
+"""
+
+from __future__ import annotations
+
+from . import states
+from ._exceptions import (
+    AioResultsError,
+    BackendCorrupted,
+    BackendError,
+    BackendUnavailable,
+    ChordError,
+    ConfigurationError,
+    ContentDisallowed,
+    DecodeError,
+    InvalidTaskId,
+    MissingDependency,
+    RemoteTaskError,
+    ResultTimeout,
+    ResultTooLarge,
+    SecurityError,
+    SerializationError,
+    TaskRevokedError,
+    UnknownBackend,
+)
+from ._group import GroupResult, ResultSet, result_from_tuple
+from ._meta import ResultMeta
+from ._registry import DEFAULT_URL, connect, known_schemes, register_backend
+from ._result import AsyncResult
+from ._serialization import Codec, exception_from_dict, exception_to_dict
+from .backends.base import BaseBackend, ChordProgress, KeyValueBackend, ResultBackend
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_URL",
+    "AioResultsError",
+    "AsyncResult",
+    "BackendCorrupted",
+    "BackendError",
+    "BackendUnavailable",
+    "BaseBackend",
+    "ChordError",
+    "ChordProgress",
+    "Codec",
+    "ConfigurationError",
+    "ContentDisallowed",
+    "DecodeError",
+    "GroupResult",
+    "InvalidTaskId",
+    "KeyValueBackend",
+    "MissingDependency",
+    "RemoteTaskError",
+    "ResultBackend",
+    "ResultMeta",
+    "ResultSet",
+    "ResultTimeout",
+    "ResultTooLarge",
+    "SecurityError",
+    "SerializationError",
+    "TaskRevokedError",
+    "UnknownBackend",
+    "connect",
+    "exception_from_dict",
+    "exception_to_dict",
+    "known_schemes",
+    "register_backend",
+    "result_from_tuple",
+    "states",
+]
+
+for _name in __all__:
+    _obj = globals()[_name]
+    if getattr(_obj, "__module__", "").startswith("aioresults.") and _name not in {
+        "states",
+        "BaseBackend",
+        "KeyValueBackend",
+        "ResultBackend",
+        "ChordProgress",
+    }:
+        try:
+            _obj.__module__ = "aioresults"
+        except (AttributeError, TypeError):
+            pass
+del _name, _obj

@@ -1,0 +1,166 @@
+"""ResultMeta: the record a backend stores for one task."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from . import states
+from ._exceptions import DecodeError
+
+__all__ = ["ResultMeta"]
+
+# Celery's key order. group_id/parent_id and the extended fields are written
+# only when set (or when the record they came from had them).
+_OPTIONAL = ("group_id", "parent_id")
+_EXTENDED = ("name", "args", "kwargs", "worker", "retries", "queue")
+_KNOWN = frozenset(
+    ("status", "result", "traceback", "children", "date_done", "task_id", *_OPTIONAL, *_EXTENDED)
+)
+
+ExceptionDecoder = Callable[[Any, "str | None"], "BaseException | None"]
+
+
+def utcnow() -> dt.datetime:
+    """The current time as an aware UTC datetime (what Celery stores)."""
+    return dt.datetime.now(dt.timezone.utc)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ResultMeta:
+    """The stored record of one task, with Celery's field names.
+
+    For exception states (FAILURE, RETRY, REVOKED) ``result`` holds the rebuilt
+    exception. ``date_done`` is set for ready states only. ``extra`` keeps any
+    other stored keys (Celery's stamps, for example) so a record read and
+    written back is unchanged.
+    """
+
+    task_id: str
+    status: str = states.PENDING
+    result: Any = None
+    traceback: str | None = None
+    children: list[Any] | None = None
+    date_done: dt.datetime | None = None
+    group_id: str | None = None
+    parent_id: str | None = None
+    name: str | None = None
+    args: Any = None
+    kwargs: Any = None
+    worker: str | None = None
+    retries: int | None = None
+    queue: str | None = None
+    extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    #: Keys the stored record had (kept so that a round trip writes the same keys).
+    present: frozenset[str] = dataclasses.field(
+        default=frozenset(), compare=False, repr=False
+    )
+
+    @classmethod
+    def pending(cls, task_id: str) -> ResultMeta:
+        """The meta of a task that has no stored record."""
+        return cls(task_id=task_id)
+
+    @property
+    def state(self) -> str:
+        """Alias of :attr:`status`."""
+        return self.status
+
+    @property
+    def ready(self) -> bool:
+        """Whether the state is final (SUCCESS, FAILURE or REVOKED)."""
+        return self.status in states.READY_STATES
+
+    @property
+    def successful(self) -> bool:
+        """Whether the state is SUCCESS."""
+        return self.status == states.SUCCESS
+
+    @property
+    def failed(self) -> bool:
+        """Whether the state is FAILURE."""
+        return self.status == states.FAILURE
+
+    def to_dict(
+        self, exception_encoder: Callable[[BaseException], dict[str, Any]] | None = None
+    ) -> dict[str, Any]:
+        """Return the dict Celery stores, keys in Celery's order, ``task_id`` last."""
+        result = self.result
+        if isinstance(result, BaseException):
+            if exception_encoder is None:
+                from ._serialization import exception_to_dict as exception_encoder
+            result = exception_encoder(result)
+        out: dict[str, Any] = {
+            "status": self.status,
+            "result": result,
+            "traceback": self.traceback,
+            "children": self.children,
+            "date_done": self.date_done.isoformat() if self.date_done is not None else None,
+        }
+        for key in _OPTIONAL:
+            value = getattr(self, key)
+            if value is not None or key in self.present:
+                out[key] = value
+        if any(getattr(self, key) is not None or key in self.present for key in _EXTENDED):
+            for key in _EXTENDED:
+                out[key] = getattr(self, key)
+        out.update(self.extra)
+        out["task_id"] = self.task_id
+        return out
+
+    @classmethod
+    def from_dict(
+        cls,
+        data: Mapping[str, Any],
+        task_id: str | None = None,
+        exception_decoder: ExceptionDecoder | None = None,
+    ) -> ResultMeta:
+        """Build a meta from the dict Celery stores.
+
+        :param task_id: used when the record has no ``task_id`` key.
+        :param exception_decoder: rebuilds the exception of exception states;
+            defaults to :func:`aioresults._serialization.exception_from_dict`.
+        :raises DecodeError: the record is not a mapping or has invalid fields.
+        """
+        if not isinstance(data, Mapping):
+            raise DecodeError(f"stored result must be a mapping, not {type(data).__name__}")
+        status = data.get("status", states.PENDING)
+        if not isinstance(status, str):
+            raise DecodeError("stored result has a non-string status")
+        stored_id = data.get("task_id", task_id)
+        if not isinstance(stored_id, str):
+            raise DecodeError("stored result has no task_id")
+        traceback = data.get("traceback")
+        result = data.get("result")
+        if status in states.EXCEPTION_STATES and isinstance(result, dict):
+            if exception_decoder is None:
+                from ._serialization import exception_from_dict as exception_decoder
+            result = exception_decoder(result, traceback if isinstance(traceback, str) else None)
+        date_done = data.get("date_done")
+        if isinstance(date_done, str):
+            try:
+                date_done = dt.datetime.fromisoformat(date_done)
+            except ValueError as exc:
+                raise DecodeError(f"stored date_done is not ISO 8601: {date_done!r}") from exc
+        elif date_done is not None and not isinstance(date_done, dt.datetime):
+            raise DecodeError("stored date_done is not a date")
+        return cls(
+            task_id=stored_id,
+            status=status,
+            result=result,
+            traceback=traceback,
+            children=data.get("children"),
+            date_done=date_done,
+            group_id=data.get("group_id"),
+            parent_id=data.get("parent_id"),
+            name=data.get("name"),
+            args=data.get("args"),
+            kwargs=data.get("kwargs"),
+            worker=data.get("worker"),
+            retries=data.get("retries"),
+            queue=data.get("queue"),
+            extra={k: v for k, v in data.items() if k not in _KNOWN},
+            present=frozenset(data),
+        )

@@ -1,0 +1,217 @@
+"""AsyncResult: an awaitable handle on one task's result."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Generator, Sequence
+from contextlib import aclosing
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, overload
+
+import anyio
+
+from . import states
+from ._exceptions import RemoteTaskError, ResultTimeout
+from ._meta import ResultMeta
+
+if TYPE_CHECKING:
+    from .backends.base import ResultBackend
+
+__all__ = ["AsyncResult", "iter_updates"]
+
+T = TypeVar("T")
+
+
+async def iter_updates(
+    backend: ResultBackend, task_ids: Sequence[str], timeout: float | None = None
+) -> AsyncIterator[ResultMeta]:
+    """Yield the current record of every id, then each change, until all are ready.
+
+    The store is read once first; only ids that are not ready are then watched
+    (registered before being read again, so nothing stored in between is lost).
+
+    :raises ResultTimeout: ``timeout`` seconds passed before all were ready
+        (``timeout=0`` reads once and never waits).
+    :raises DecodeError: an id's stored payload is corrupt.
+    """
+    if timeout is not None and timeout < 0:
+        raise ValueError("timeout must be None or >= 0")
+    deadline = None if timeout is None else anyio.current_time() + timeout
+
+    def remaining() -> float:
+        return float("inf") if deadline is None else deadline - anyio.current_time()
+
+    def expired(pending: Sequence[str]) -> ResultTimeout:
+        assert timeout is not None
+        return ResultTimeout(sorted(pending), timeout)
+
+    metas: list[ResultMeta] | None = None
+    if timeout == 0:
+        metas = await backend.get_many(task_ids)  # check once, however long that takes
+    else:
+        with anyio.move_on_after(remaining()):
+            metas = await backend.get_many(task_ids)
+    if metas is None:
+        raise expired(task_ids)
+    pending = set()
+    for meta in metas:
+        yield meta
+        if not meta.ready:
+            pending.add(meta.task_id)
+    if not pending:
+        return
+    if remaining() <= 0:
+        raise expired(sorted(pending))
+    async with backend.waiter(sorted(pending)) as waiter:
+        while pending:
+            got = None
+            with anyio.move_on_after(remaining()):
+                got = await waiter.next()
+            if got is None:
+                raise expired(sorted(pending))
+            task_id, item = got
+            if isinstance(item, Exception):
+                raise item
+            yield item
+            if item.ready:
+                pending.discard(task_id)
+
+
+class AsyncResult(Generic[T]):
+    """A handle on the result of task ``id`` stored in ``backend``.
+
+    ``await result`` waits for it and returns its value (or raises its
+    exception), like ``await result.get()``. Reads cache the record once it is
+    ready, since a ready record no longer changes.
+    """
+
+    __slots__ = ("_meta", "backend", "id", "parent")
+
+    def __init__(
+        self, id: str, backend: ResultBackend, *, parent: AsyncResult[Any] | None = None
+    ) -> None:
+        if not isinstance(id, str) or not id:
+            raise ValueError("AsyncResult needs a task id")
+        self.id = id
+        self.backend = backend
+        self.parent = parent
+        self._meta: ResultMeta | None = None
+
+    def __repr__(self) -> str:
+        return f"<AsyncResult: {self.id}>"
+
+    def __str__(self) -> str:
+        return self.id
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, AsyncResult):
+            return self.id == other.id
+        if isinstance(other, str):
+            return self.id == other
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+    def __await__(self) -> Generator[Any, None, T]:
+        return self.get().__await__()
+
+    @property
+    def task_id(self) -> str:
+        """Alias of :attr:`id`."""
+        return self.id
+
+    def as_tuple(self) -> list[Any]:
+        """Celery's tuple form: ``[[id, parent tuple or None], None]``."""
+        return [[self.id, self.parent.as_tuple() if self.parent is not None else None], None]
+
+    # ------------------------------------------------------------ reading
+
+    def _remember(self, meta: ResultMeta) -> ResultMeta:
+        if meta.ready:
+            self._meta = meta
+        return meta
+
+    async def meta(self) -> ResultMeta:
+        """The stored record (PENDING if there is none); cached once ready."""
+        if self._meta is not None:
+            return self._meta
+        return self._remember(await self.backend.get_meta(self.id))
+
+    async def state(self) -> str:
+        """The current state."""
+        return (await self.meta()).status
+
+    async def ready(self) -> bool:
+        """Whether the task finished (SUCCESS, FAILURE or REVOKED)."""
+        return (await self.meta()).ready
+
+    async def successful(self) -> bool:
+        """Whether the task succeeded."""
+        return (await self.meta()).status == states.SUCCESS
+
+    async def failed(self) -> bool:
+        """Whether the task failed (REVOKED is not a failure)."""
+        return (await self.meta()).status == states.FAILURE
+
+    # ------------------------------------------------------------ waiting
+
+    async def wait(self, timeout: float | None = None) -> ResultMeta:
+        """Wait until the task is ready and return its record; never raises its exception.
+
+        :raises ResultTimeout: not ready within ``timeout`` seconds
+            (``timeout=0`` checks once).
+        """
+        if self._meta is not None:
+            return self._meta
+        async with aclosing(iter_updates(self.backend, [self.id], timeout)) as updates:
+            async for meta in updates:
+                if meta.ready:
+                    return self._remember(meta)
+        raise AssertionError("unreachable: updates end only when ready")  # pragma: no cover
+
+    @overload
+    async def get(self, timeout: float | None = None, propagate: Literal[True] = True) -> T: ...
+
+    @overload
+    async def get(
+        self, timeout: float | None = None, *, propagate: Literal[False]
+    ) -> T | BaseException: ...
+
+    async def get(self, timeout: float | None = None, propagate: bool = True) -> Any:
+        """Wait for the result and return it.
+
+        :param timeout: seconds to wait; None waits for ever, 0 checks once.
+        :param propagate: re-raise the task's exception on FAILURE or REVOKED;
+            if False, return the exception instead.
+        :raises ResultTimeout: not ready in time (also a :class:`TimeoutError`).
+        """
+        return value_of(await self.wait(timeout), propagate)
+
+    async def watch(self, timeout: float | None = None) -> AsyncIterator[ResultMeta]:
+        """Yield the record now and at every state change, ending with the ready one.
+
+        Progress updates (e.g. ``PROGRESS`` with a new meta) are changes too.
+
+        :raises ResultTimeout: not ready within ``timeout`` seconds.
+        """
+        last: ResultMeta | None = None
+        async with aclosing(iter_updates(self.backend, [self.id], timeout)) as updates:
+            async for meta in updates:
+                if meta == last:
+                    continue
+                last = meta
+                yield self._remember(meta)
+
+    async def forget(self) -> None:
+        """Delete the stored result and drop the cached one. Idempotent."""
+        self._meta = None
+        await self.backend.forget(self.id)
+
+
+def value_of(meta: ResultMeta, propagate: bool = True) -> Any:
+    """The value of a ready record; raises its exception if ``propagate``."""
+    if meta.status in states.PROPAGATE_STATES and propagate:
+        exc = meta.result
+        if not isinstance(exc, BaseException):
+            exc = RemoteTaskError(exc)
+        raise exc.with_traceback(None)
+    return meta.result

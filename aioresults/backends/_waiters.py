@@ -1,0 +1,302 @@
+"""The waiter hub: one per backend, routing stored results to waiting tasks.
+
+A waiter registers *before* the store is read, so a result stored between the
+read and the wake-up is never missed. Waiters arriving together are settled in
+one batch: one ``_watch`` call (one SUBSCRIBE on Redis) and one ``_read_metas``
+call (one MGET) for all of them. Many waiters on one id share one watch; the
+last one to leave, by any route (result, timeout, cancellation), ends it, and
+nothing of it stays behind.
+
+Backends feed the hub in one of three ways:
+
+* :meth:`WaiterHub.deliver` when the store pushes the new record itself
+  (Redis pub/sub carries the payload; the memory backend calls it directly);
+* :meth:`WaiterHub.refresh` when the store only says that something changed
+  (file-system notifications): the hub re-reads the watched ids in one batch;
+* :meth:`WaiterHub.run_poller` for a store with no notification at all: one
+  shared, batched poller with back-off.
+
+After a reconnect a backend re-establishes its watches first and then calls
+:meth:`WaiterHub.refresh`, so a result stored while it was away is not lost.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from types import TracebackType
+from typing import TYPE_CHECKING, Protocol, Union
+
+import anyio
+import anyio.lowlevel
+
+if TYPE_CHECKING:
+    from .._meta import ResultMeta
+
+__all__ = ["HubSource", "Item", "Waiter", "WaiterHub"]
+
+logger = logging.getLogger("aioresults.backends")
+
+#: What a waiter receives for an id: its current record, or the error reading it.
+Item = Union["ResultMeta", Exception]
+
+
+class HubSource(Protocol):
+    """What the hub needs from its backend."""
+
+    async def _watch(self, task_ids: Sequence[str]) -> None: ...
+
+    def _unwatch(self, task_ids: Sequence[str]) -> None: ...
+
+    async def _read_metas(self, task_ids: Sequence[str]) -> Sequence[Item]: ...
+
+
+class Waiter:
+    """One task's interest in a set of ids; an async context manager.
+
+    ``async with hub.waiter(ids) as w`` registers, watches and reads; then
+    ``await w.next()`` returns ``(task_id, item)`` pairs: first the record read
+    after registering, then each change. Leaving the block unregisters.
+    """
+
+    __slots__ = ("_event", "_hub", "_items", "ids")
+
+    def __init__(self, hub: WaiterHub, ids: Iterable[str]) -> None:
+        self.ids = tuple(dict.fromkeys(ids))
+        self._hub = hub
+        self._items: deque[tuple[str, Item]] = deque()
+        self._event: anyio.Event | None = None
+
+    async def __aenter__(self) -> Waiter:
+        self._hub._add(self)
+        try:
+            await self._hub._settle(self)
+        except BaseException:
+            self._hub._remove(self)
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._hub._remove(self)
+
+    def _put(self, task_id: str, item: Item) -> None:
+        self._items.append((task_id, item))
+        if self._event is not None:
+            self._event.set()
+
+    def pending(self) -> bool:
+        """Whether an item is waiting to be taken."""
+        return bool(self._items)
+
+    async def next(self) -> tuple[str, Item]:
+        """Wait for and return the next ``(task_id, item)``."""
+        while not self._items:
+            self._event = anyio.Event()
+            try:
+                await self._event.wait()
+            finally:
+                self._event = None
+        return self._items.popleft()
+
+
+class WaiterHub:
+    """Routes records to waiters; see the module docstring."""
+
+    def __init__(self, source: HubSource) -> None:
+        self._source = source
+        self._by_id: dict[str, set[Waiter]] = {}
+        self._last: dict[str, Item] = {}
+        self._versions: dict[str, int] = {}
+        self._to_watch: set[str] = set()
+        self._in_flight: set[str] = set()
+        self._to_read: set[Waiter] = set()
+        self._settling: anyio.Event | None = None
+        self._watched_event: anyio.Event | None = None
+        self._registrations = 0
+
+    # ------------------------------------------------------------ inspection
+
+    def __len__(self) -> int:
+        """The number of registered waiters."""
+        return len({w for ws in self._by_id.values() for w in ws})
+
+    def watched_ids(self) -> list[str]:
+        """The ids at least one waiter is waiting for."""
+        return list(self._by_id)
+
+    def has_waiters(self, task_id: str) -> bool:
+        """Whether any waiter waits for ``task_id``.
+
+        A backend that ends watches later than :meth:`HubSource._unwatch` is
+        called (from a queue, say) checks this first, so a waiter that arrived
+        in the meantime keeps its watch.
+        """
+        return task_id in self._by_id
+
+    def waiter(self, task_ids: Iterable[str]) -> Waiter:
+        """A waiter for ``task_ids``, to be entered with ``async with``."""
+        return Waiter(self, task_ids)
+
+    # ------------------------------------------------------------ registration
+
+    def _add(self, waiter: Waiter) -> None:
+        for task_id in waiter.ids:
+            waiters = self._by_id.get(task_id)
+            if waiters is None:
+                self._by_id[task_id] = waiters = set()
+                self._versions[task_id] = 0
+                self._to_watch.add(task_id)
+            waiters.add(waiter)
+        self._to_read.add(waiter)
+        self._registrations += 1
+        if self._watched_event is not None:
+            self._watched_event.set()
+
+    def _remove(self, waiter: Waiter) -> None:
+        self._to_read.discard(waiter)
+        gone = []
+        for task_id in waiter.ids:
+            waiters = self._by_id.get(task_id)
+            if waiters is None:
+                continue
+            waiters.discard(waiter)
+            if not waiters:
+                del self._by_id[task_id]
+                self._versions.pop(task_id, None)
+                self._last.pop(task_id, None)
+                if task_id in self._to_watch:
+                    self._to_watch.discard(task_id)  # never watched: nothing to end
+                elif task_id not in self._in_flight:
+                    gone.append(task_id)
+        if gone:
+            self._unwatch(gone)
+
+    def _unwatch(self, task_ids: Sequence[str]) -> None:
+        try:
+            self._source._unwatch(task_ids)
+        except Exception:  # pragma: no cover - a backend bug must not break waiters
+            logger.exception("ending the watch of %d ids failed", len(task_ids))
+
+    async def _settle(self, waiter: Waiter) -> None:
+        """Watch and read for ``waiter`` and whoever arrived with it."""
+        while waiter in self._to_read:
+            if self._settling is not None:
+                await self._settling.wait()
+                continue
+            self._settling = done = anyio.Event()
+            try:
+                await self._settle_batch()
+            finally:
+                self._settling = None
+                done.set()
+
+    async def _settle_batch(self) -> None:
+        # Let the waiters created in the same tick join this batch.
+        await anyio.lowlevel.checkpoint()
+        batch, self._to_watch = self._to_watch, set()
+        readers = set(self._to_read)
+        self._in_flight = batch
+        try:
+            if batch:
+                await self._source._watch(sorted(batch))
+        except BaseException:
+            self._to_watch |= {i for i in batch if i in self._by_id}
+            raise
+        finally:
+            self._in_flight = set()
+        # Ids whose waiters all left while their watch was being set up.
+        abandoned = [i for i in batch if i not in self._by_id]
+        if abandoned:
+            self._unwatch(abandoned)
+
+        ids = list(dict.fromkeys(i for w in readers for i in w.ids if i in self._by_id))
+        versions = {i: self._versions[i] for i in ids}
+        items = await self._source._read_metas(ids) if ids else []
+        self._to_read -= readers
+        for task_id, item in zip(ids, items, strict=True):
+            if self._versions.get(task_id) != versions[task_id]:
+                continue  # a newer record was delivered while we read
+            self._last[task_id] = item
+            for w in self._by_id.get(task_id, ()):
+                if w in readers:
+                    w._put(task_id, item)
+
+    # ------------------------------------------------------------ feeding
+
+    def deliver(self, task_id: str, item: Item) -> None:
+        """Hand a new record (or the error decoding it) to the waiters of ``task_id``."""
+        waiters = self._by_id.get(task_id)
+        if not waiters:
+            return
+        if self._last.get(task_id) == item:
+            return
+        self._last[task_id] = item
+        self._versions[task_id] += 1
+        for w in waiters:
+            w._put(task_id, item)
+
+    async def refresh(self, task_ids: Iterable[str] | None = None) -> int:
+        """Re-read watched ids (all of them by default) and deliver what changed.
+
+        :returns: the number of ids whose record changed.
+        """
+        wanted = self._by_id if task_ids is None else task_ids
+        ids = [i for i in dict.fromkeys(wanted) if i in self._by_id]
+        if not ids:
+            return 0
+        versions = {i: self._versions[i] for i in ids}
+        items = await self._source._read_metas(ids)
+        changed = 0
+        for task_id, item in zip(ids, items, strict=True):
+            if self._versions.get(task_id) != versions[task_id]:
+                continue
+            if self._last.get(task_id) != item:
+                changed += 1
+                self.deliver(task_id, item)
+        return changed
+
+    async def wait_watched(self) -> None:
+        """Return once at least one id is watched."""
+        while not self._by_id:
+            self._watched_event = anyio.Event()
+            try:
+                await self._watched_event.wait()
+            finally:
+                self._watched_event = None
+
+    async def run_poller(
+        self,
+        min_interval: float,
+        max_interval: float,
+        on_error: Callable[[Exception], Awaitable[None]] | None = None,
+    ) -> None:
+        """Poll every watched id, starting at ``min_interval`` and doubling up to
+        ``max_interval`` while nothing changes; a change or a new waiter resets it.
+
+        Runs until cancelled. A read error is logged (or given to ``on_error``)
+        and polling goes on.
+        """
+        interval = min_interval
+        seen = self._registrations
+        while True:
+            await self.wait_watched()
+            try:
+                changed = await self.refresh()
+            except Exception as exc:
+                if on_error is not None:
+                    await on_error(exc)
+                else:
+                    logger.warning("polling %d results failed: %s", len(self._by_id), exc)
+                changed = 0
+            if changed or self._registrations != seen:
+                interval = min_interval
+            else:
+                interval = min(interval * 2, max_interval)
+            seen = self._registrations
+            await anyio.sleep(interval)
