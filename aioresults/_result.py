@@ -44,8 +44,9 @@ async def iter_updates(
         return ResultTimeout(sorted(pending), timeout)
 
     metas: list[ResultMeta] | None = None
-    if timeout == 0:
-        metas = await backend.get_many(task_ids)  # check once, however long that takes
+    if timeout is None or timeout == 0:
+        # timeout=0 checks once, however long that takes.
+        metas = await backend.get_many(task_ids)
     else:
         with anyio.move_on_after(remaining()):
             metas = await backend.get_many(task_ids)
@@ -62,12 +63,15 @@ async def iter_updates(
         raise expired(sorted(pending))
     async with backend.waiter(sorted(pending)) as waiter:
         while pending:
-            got = None
-            with anyio.move_on_after(remaining()):
-                got = await waiter.next()
-            if got is None:
-                raise expired(sorted(pending))
-            task_id, item = got
+            if deadline is None:
+                task_id, item = await waiter.next()
+            else:
+                got = None
+                with anyio.move_on_after(remaining()):
+                    got = await waiter.next()
+                if got is None:
+                    raise expired(sorted(pending))
+                task_id, item = got
             if isinstance(item, Exception):
                 raise item
             yield item

@@ -278,7 +278,7 @@ class BaseBackend(ABC):
             known_exceptions=known_exceptions,
         )
         self.hub = WaiterHub(self)
-        self._open_lock = anyio.Lock()
+        self._opening: anyio.Event | None = None
         self._opened = False
         self._closed = False
         self._task_group: anyio.abc.TaskGroup | None = None
@@ -311,14 +311,21 @@ class BaseBackend(ABC):
         await self.aclose()
 
     async def _ensure_open(self) -> None:
-        if self._opened:
-            return
-        if self._closed:
-            raise BackendError(f"{self!r} is closed")
-        async with self._open_lock:
-            if not self._opened:
+        while not self._opened:
+            if self._closed:
+                raise BackendError(f"{self!r} is closed")
+            if self._opening is not None:
+                # Everyone who arrived while connecting resumes together, so
+                # their first waits still share one batch.
+                await self._opening.wait()
+                continue
+            self._opening = opening = anyio.Event()
+            try:
                 await self._open()
                 self._opened = True
+            finally:
+                self._opening = None
+                opening.set()
 
     async def _open(self) -> None:  # noqa: B027 - optional hook
         """Connect to the store (called once, lazily, before the first operation)."""
