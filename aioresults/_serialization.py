@@ -373,6 +373,11 @@ class Codec:
             raise ConfigurationError(
                 f"unknown serializer {serializer!r}; known: {', '.join(_FORMATS)}"
             )
+        if accept is None and serializer == "pickle":
+            raise ConfigurationError(
+                "the pickle serializer must be named in accept too, e.g. accept=['pickle']: "
+                "reading pickle runs code chosen by whoever wrote the payload"
+            )
         accepted = tuple(accept) if accept is not None else (serializer,)
         for name in accepted:
             if name not in _FORMATS:

@@ -23,7 +23,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, ClassVar, Protocol, runtime_checkable
-from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 import sniffio
@@ -81,21 +80,17 @@ def validate_id(task_id: object, what: str = "task id") -> str:
 
 
 def redact_url(url: str | None) -> str | None:
-    """Return ``url`` with any password, key or signature replaced by ``***``."""
+    """Return ``url`` with passwords, account keys and signatures replaced by ``***``.
+
+    Handles every ``scheme://user:password@host`` in the string (Sentinel URLs
+    hold several) and Azure connection-string secrets.
+    """
     if url is None:
         return None
-    url = re.sub(
+    url = re.sub(r"(://[^:/@;?#]*:)[^@/;?#]*@", r"\1***@", url)
+    return re.sub(
         r"(?i)((?:AccountKey|SharedAccessSignature|sig|password|key)=)[^;&]+", r"\1***", url
     )
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return url
-    if parts.password:
-        user = parts.username or ""
-        host = parts.netloc.rpartition("@")[2]
-        parts = parts._replace(netloc=f"{user}:***@{host}")
-    return urlunsplit(parts)
 
 
 def _seconds(value: float | dt.timedelta | None, name: str) -> float | None:

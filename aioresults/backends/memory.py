@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
-from .._exceptions import ConfigurationError
 from .base import KeyValueBackend
 
 __all__ = ["MemoryBackend"]
@@ -52,8 +51,6 @@ class MemoryBackend(KeyValueBackend):
     def from_url(cls, url: str, **options: Any) -> MemoryBackend:
         """``memory://`` (private store) or ``memory://name`` (shared by name)."""
         parts = urlsplit(url)
-        if parts.scheme != "memory":
-            raise ConfigurationError(f"not a memory:// URL: {url!r}")
         name = (parts.netloc + parts.path).strip("/") or None
         return cls(url=url, name=name, **options)
 

@@ -1,0 +1,164 @@
+"""AsyncResult, ResultSet and GroupResult semantics (on the memory backend)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import anyio
+import pytest
+
+import aioresults as ar
+from aioresults import states
+from aioresults.backends.memory import MemoryBackend
+
+
+@pytest.fixture
+async def backend() -> Any:
+    async with MemoryBackend() as backend:
+        yield backend
+
+
+def test_result_identity() -> None:
+    backend = MemoryBackend()
+    a: ar.AsyncResult[Any] = ar.AsyncResult("id-1", backend)
+    assert a == ar.AsyncResult("id-1", backend) and a == "id-1" and a != "other"
+    assert hash(a) == hash("id-1") and str(a) == "id-1" and repr(a) == "<AsyncResult: id-1>"
+    assert a.task_id == "id-1"
+    with pytest.raises(ValueError):
+        ar.AsyncResult("", backend)
+
+
+async def test_await_is_get(backend: MemoryBackend) -> None:
+    await backend.mark_as_done("t", [1, 2])
+    assert await ar.AsyncResult("t", backend) == [1, 2]
+    assert await ar.AsyncResult("t", backend).get() == [1, 2]
+
+
+async def test_ready_meta_is_cached(backend: MemoryBackend) -> None:
+    await backend.mark_as_done("t", "v")
+    result: ar.AsyncResult[str] = ar.AsyncResult("t", backend)
+    assert await result == "v"
+    await backend.forget("t")
+    assert await result.get(timeout=0) == "v"  # a ready record no longer changes
+    await result.forget()
+    assert await result.state() == states.PENDING
+
+
+async def test_timeouts_are_exact(backend: MemoryBackend) -> None:
+    for timeout in (0.05, 0.1, 0.3):
+        started = anyio.current_time()
+        with pytest.raises(ar.ResultTimeout):
+            await ar.AsyncResult("never", backend).get(timeout=timeout)
+        elapsed = anyio.current_time() - started
+        assert timeout <= elapsed < timeout + 0.1, (timeout, elapsed)
+    with pytest.raises(ValueError):
+        await ar.AsyncResult("never", backend).get(timeout=-1)
+
+
+async def test_watch_ends_at_ready_and_skips_repeats(backend: MemoryBackend) -> None:
+    seen = []
+
+    async def produce() -> None:
+        await asyncio.sleep(0.02)
+        await backend.update_state("w", "PROGRESS", {"n": 1})
+        await backend.update_state("w", "PROGRESS", {"n": 1})
+        await asyncio.sleep(0.02)
+        await backend.mark_as_done("w", "ok")
+        await backend.update_state("w", "PROGRESS", {"n": 2})  # refused: SUCCESS is kept
+
+    task = asyncio.create_task(produce())
+    async for meta in ar.AsyncResult("w", backend).watch(timeout=5):
+        seen.append((meta.status, meta.result))
+    await task
+    assert seen == [(states.PENDING, None), ("PROGRESS", {"n": 1}), (states.SUCCESS, "ok")]
+
+
+async def test_breaking_out_of_watch_unregisters(backend: MemoryBackend) -> None:
+    async for _meta in ar.AsyncResult("b", backend).watch():
+        break
+    await asyncio.sleep(0)
+    assert len(backend.hub) == 0
+
+
+async def test_hub_holds_nothing_after_1000_cancelled_or_timed_out_waits(
+    backend: MemoryBackend,
+) -> None:
+    for round_ in range(2):
+        tasks = [asyncio.create_task(ar.AsyncResult(f"c{round_}-{i}", backend).get(
+            timeout=None if i % 2 else 0.05)) for i in range(1000)]
+        with anyio.fail_after(10):
+            while len(backend.hub) < 500:
+                await asyncio.sleep(0.01)
+        for task in tasks[1::2]:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        assert len(backend.hub) == 0
+        assert backend.hub.watched_ids() == []
+        assert not backend.hub._last and not backend.hub._versions
+
+
+async def test_result_set_membership(backend: MemoryBackend) -> None:
+    a, b = ar.AsyncResult("a", backend), ar.AsyncResult("b", backend)
+    rs: ar.ResultSet[Any] = ar.ResultSet([a])
+    rs.add(b)
+    rs.add(b)
+    assert len(rs) == 2 and list(rs) == [a, b] and rs[1] is b and "a" in rs
+    rs.remove("a")
+    with pytest.raises(KeyError):
+        rs.remove("a")
+    rs.discard("a")
+    rs.update([a])
+    assert [r.id for r in rs] == ["b", "a"]
+    rs.clear()
+    assert await rs.join() == []
+    with pytest.raises(ValueError, match="same backend"):
+        rs.add(ar.AsyncResult("x", MemoryBackend()))
+    with pytest.raises(ValueError, match="empty"):
+        _ = ar.ResultSet[Any]().backend
+
+
+async def test_join_timeout_zero_and_duplicates(backend: MemoryBackend) -> None:
+    await backend.mark_as_done("d1", 1)
+    dup = ar.ResultSet([ar.AsyncResult("d1", backend), ar.AsyncResult("d2", backend)])
+    with pytest.raises(ar.ResultTimeout) as caught:
+        await dup.join(timeout=0)
+    assert caught.value.task_ids == ("d2",)
+    await backend.mark_as_done("d2", 2)
+    assert await dup.join(timeout=0) == [1, 2]
+
+
+async def test_group_tuple_format_and_restore(backend: MemoryBackend) -> None:
+    parent: ar.AsyncResult[Any] = ar.AsyncResult("p0", backend)
+    group: ar.GroupResult[Any] = ar.GroupResult(
+        "g-1", [ar.AsyncResult("a1", backend), ar.AsyncResult("a2", backend, parent=parent)]
+    )
+    assert group.as_tuple() == [["g-1", None], [[["a1", None], None],
+                                                [["a2", [["p0", None], None]], None]]]
+    await group.save()
+    restored = await ar.GroupResult.restore("g-1", backend)
+    assert restored == group and restored is not None
+    assert restored.results[1].parent == "p0"
+    assert await ar.GroupResult.restore("missing", backend) is None
+    with pytest.raises(ar.DecodeError):
+        ar.result_from_tuple("garbage", backend)
+
+
+async def test_memory_and_results_under_trio() -> None:
+    async def main() -> list[Any]:
+        async with MemoryBackend() as backend:
+            async with anyio.create_task_group() as tg:
+                async def store() -> None:
+                    await anyio.sleep(0.02)
+                    await backend.mark_as_done("t", "trio")
+                    await backend.mark_as_done("u", "too")
+                tg.start_soon(store)
+                value = await ar.AsyncResult("t", backend).get(timeout=5)
+                joined = await ar.ResultSet([ar.AsyncResult("t", backend),
+                                             ar.AsyncResult("u", backend)]).join(timeout=5)
+            with pytest.raises(ar.ResultTimeout):
+                await ar.AsyncResult("never", backend).get(timeout=0.05)
+            return [value, joined]
+
+    assert await anyio.to_thread.run_sync(lambda: anyio.run(main, backend="trio")) == [
+        "trio", ["trio", "too"]]
