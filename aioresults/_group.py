@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncGenerator, Iterable, Iterator
 from contextlib import aclosing
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
@@ -131,7 +131,7 @@ class ResultSet(Generic[T]):
 
     # ------------------------------------------------------------ waiting
 
-    async def _ready_metas(self, timeout: float | None) -> AsyncIterator[ResultMeta]:
+    async def _ready_metas(self, timeout: float | None) -> AsyncGenerator[ResultMeta, None]:
         """Yield each member's ready record once, in completion order."""
         cached = {r.id: r._meta for r in self.results if r._meta is not None}
         for meta in cached.values():
@@ -162,7 +162,9 @@ class ResultSet(Generic[T]):
                     value_of(meta, propagate=True)
         return [value_of(r._meta, propagate) for r in self.results if r._meta is not None]
 
-    async def as_completed(self, timeout: float | None = None) -> AsyncIterator[AsyncResult[T]]:
+    async def as_completed(
+        self, timeout: float | None = None
+    ) -> AsyncGenerator[AsyncResult[T], None]:
         """Yield members as they become ready (each once), in completion order.
 
         The yielded results hold their ready record, so ``await r`` returns

@@ -25,7 +25,7 @@ ExceptionDecoder = Callable[[Any, "str | None"], "BaseException | None"]
 
 def utcnow() -> dt.datetime:
     """The current time as an aware UTC datetime (what Celery stores)."""
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -54,9 +54,7 @@ class ResultMeta:
     queue: str | None = None
     extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     #: Keys the stored record had (kept so that a round trip writes the same keys).
-    present: frozenset[str] = dataclasses.field(
-        default=frozenset(), compare=False, repr=False
-    )
+    present: frozenset[str] = dataclasses.field(default=frozenset(), compare=False, repr=False)
 
     @classmethod
     def pending(cls, task_id: str) -> ResultMeta:
@@ -89,9 +87,9 @@ class ResultMeta:
         """Return the dict Celery stores, keys in Celery's order, ``task_id`` last."""
         result = self.result
         if isinstance(result, BaseException):
-            if exception_encoder is None:
-                from ._serialization import exception_to_dict as exception_encoder
-            result = exception_encoder(result)
+            from ._serialization import exception_to_dict
+
+            result = (exception_encoder or exception_to_dict)(result)
         out: dict[str, Any] = {
             "status": self.status,
             "result": result,
@@ -135,9 +133,10 @@ class ResultMeta:
         traceback = data.get("traceback")
         result = data.get("result")
         if status in states.EXCEPTION_STATES and isinstance(result, dict):
-            if exception_decoder is None:
-                from ._serialization import exception_from_dict as exception_decoder
-            result = exception_decoder(result, traceback if isinstance(traceback, str) else None)
+            from ._serialization import exception_from_dict
+
+            decode = exception_decoder or exception_from_dict
+            result = decode(result, traceback if isinstance(traceback, str) else None)
         date_done = data.get("date_done")
         if isinstance(date_done, str):
             try:

@@ -36,7 +36,9 @@ def known_schemes() -> list[str]:
     return sorted(_SCHEMES)
 
 
-def register_backend(scheme: str, backend: str | type[BaseBackend], extra: str | None = None) -> None:
+def register_backend(
+    scheme: str, backend: str | type[BaseBackend], extra: str | None = None
+) -> None:
     """Make :func:`connect` serve ``scheme`` with ``backend``.
 
     :param backend: the class, or ``"module:Class"`` to import on first use.
@@ -57,9 +59,9 @@ def register_backend(scheme: str, backend: str | type[BaseBackend], extra: str |
 
 
 def _load(scheme: str) -> type[BaseBackend]:
-    cls = _loaded.get(scheme)
-    if cls is not None:
-        return cls
+    loaded = _loaded.get(scheme)
+    if loaded is not None:
+        return loaded
     target, extra = _SCHEMES[scheme]
     module_name, _, class_name = target.partition(":")
     try:
@@ -67,13 +69,18 @@ def _load(scheme: str) -> type[BaseBackend]:
     except ImportError as exc:
         if isinstance(exc, MissingDependency):
             raise
-        hint = f"pip install 'aioresults[{extra}]'" if extra and "aioresults" in module_name \
-            else f"pip install {extra}" if extra else "check that it is installed"
+        hint = (
+            f"pip install 'aioresults[{extra}]'"
+            if extra and "aioresults" in module_name
+            else f"pip install {extra}"
+            if extra
+            else "check that it is installed"
+        )
         raise MissingDependency(
             f"the {scheme}:// backend needs a package that is not installed "
             f"({exc.name or exc}); run: {hint}"
         ) from exc
-    cls = getattr(module, class_name)
+    cls: type[BaseBackend] = getattr(module, class_name)
     _loaded[scheme] = cls
     return cls
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Generator, Sequence
+from collections.abc import AsyncGenerator, Generator, Sequence
 from contextlib import aclosing
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, overload
 
@@ -22,7 +22,7 @@ T = TypeVar("T")
 
 async def iter_updates(
     backend: ResultBackend, task_ids: Sequence[str], timeout: float | None = None
-) -> AsyncIterator[ResultMeta]:
+) -> AsyncGenerator[ResultMeta, None]:
     """Yield the current record of every id, then each change, until all are ready.
 
     The store is read once first; only ids that are not ready are then watched
@@ -190,7 +190,7 @@ class AsyncResult(Generic[T]):
         """
         return value_of(await self.wait(timeout), propagate)
 
-    async def watch(self, timeout: float | None = None) -> AsyncIterator[ResultMeta]:
+    async def watch(self, timeout: float | None = None) -> AsyncGenerator[ResultMeta, None]:
         """Yield the record now and at every state change, ending with the ready one.
 
         Progress updates (e.g. ``PROGRESS`` with a new meta) are changes too.

@@ -118,8 +118,7 @@ def _msgpack() -> Any:
         import msgpack
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise MissingDependency(
-            "the msgpack serializer needs the msgpack package: "
-            "pip install 'aioresults[msgpack]'"
+            "the msgpack serializer needs the msgpack package: pip install 'aioresults[msgpack]'"
         ) from exc
     return msgpack
 

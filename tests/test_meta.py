@@ -38,7 +38,7 @@ def test_lossless_round_trip_of_celerys_record(stored: str) -> None:
 def test_fields_are_parsed() -> None:
     meta = ResultMeta.from_dict(json.loads(CELERY_STORED))
     assert meta.status == states.SUCCESS and meta.ready and meta.successful
-    assert meta.date_done == dt.datetime(2026, 11, 21, 9, 31, 47, 941024, tzinfo=dt.timezone.utc)
+    assert meta.date_done == dt.datetime(2026, 11, 21, 9, 31, 47, 941024, tzinfo=dt.UTC)
     assert (meta.group_id, meta.name, meta.args, meta.retries) == ("g-1", "tasks.add", [2, 3], 0)
     assert meta.extra == {"stamped_headers": ["x"], "x": "y"}
     failure = ResultMeta.from_dict(json.loads(CELERY_FAILURE))
@@ -49,11 +49,23 @@ def test_fields_are_parsed() -> None:
 def test_new_meta_writes_celerys_keys_in_order() -> None:
     meta = ResultMeta(task_id="t", status=states.SUCCESS, result=1, parent_id="p")
     assert list(meta.to_dict()) == [
-        "status", "result", "traceback", "children", "date_done", "parent_id", "task_id"
+        "status",
+        "result",
+        "traceback",
+        "children",
+        "date_done",
+        "parent_id",
+        "task_id",
     ]
     extended = ResultMeta(task_id="t", name="n")
     assert list(extended.to_dict())[5:] == [
-        "name", "args", "kwargs", "worker", "retries", "queue", "task_id"
+        "name",
+        "args",
+        "kwargs",
+        "worker",
+        "retries",
+        "queue",
+        "task_id",
     ]
 
 
@@ -69,8 +81,12 @@ def test_pending_and_custom_states() -> None:
 
 @pytest.mark.parametrize(
     "bad",
-    [[1, 2], {"status": 5, "task_id": "x"}, {"status": "SUCCESS"},
-     {"status": "SUCCESS", "task_id": "x", "date_done": "yesterday"}],
+    [
+        [1, 2],
+        {"status": 5, "task_id": "x"},
+        {"status": "SUCCESS"},
+        {"status": "SUCCESS", "task_id": "x", "date_done": "yesterday"},
+    ],
 )
 def test_malformed_records(bad: object) -> None:
     with pytest.raises(ar.DecodeError):

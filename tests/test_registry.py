@@ -34,8 +34,17 @@ def test_unknown_scheme_lists_known_ones() -> None:
     with pytest.raises(ar.UnknownBackend) as caught:
         ar.connect("mongodb://localhost")
     message = str(caught.value)
-    for scheme in ("memory", "file", "sqlite", "db+sqlite", "redis", "rediss", "redis+socket",
-                   "sentinel", "azureblockblob"):
+    for scheme in (
+        "memory",
+        "file",
+        "sqlite",
+        "db+sqlite",
+        "redis",
+        "rediss",
+        "redis+socket",
+        "sentinel",
+        "azureblockblob",
+    ):
         assert scheme in message
     assert isinstance(caught.value, ValueError)
 
@@ -46,8 +55,9 @@ def test_not_a_url() -> None:
 
 
 def test_missing_driver_names_the_install_command() -> None:
-    ar.register_backend("brokenstore", "aioresults.backends.no_such_driver:Backend",
-                        extra="brokenstore")
+    ar.register_backend(
+        "brokenstore", "aioresults.backends.no_such_driver:Backend", extra="brokenstore"
+    )
     with pytest.raises(ar.MissingDependency) as caught:
         ar.connect("brokenstore://x")
     assert "pip install 'aioresults[brokenstore]'" in str(caught.value)
@@ -72,9 +82,15 @@ async def test_register_backend_class() -> None:
         ("redis://:s3cret@localhost:6379/0", "s3cret"),
         ("redis://user:s3cret@localhost/0", "s3cret"),
         ("sentinel://:s3cret@h1:26379;sentinel://:s3cret@h2:26379", "s3cret"),
-        ("azureblockblob://DefaultEndpointsProtocol=https;AccountName=a;AccountKey=s3cret==;"
-         "EndpointSuffix=core.windows.net", "s3cret"),
-        ("azureblockblob://BlobEndpoint=https://a/;SharedAccessSignature=sv=1&sig=s3cret", "s3cret"),
+        (
+            "azureblockblob://DefaultEndpointsProtocol=https;AccountName=a;AccountKey=s3cret==;"
+            "EndpointSuffix=core.windows.net",
+            "s3cret",
+        ),
+        (
+            "azureblockblob://BlobEndpoint=https://a/;SharedAccessSignature=sv=1&sig=s3cret",
+            "s3cret",
+        ),
     ],
 )
 def test_credentials_are_redacted(url: str, secret: str) -> None:

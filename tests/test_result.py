@@ -85,8 +85,12 @@ async def test_hub_holds_nothing_after_1000_cancelled_or_timed_out_waits(
     backend: MemoryBackend,
 ) -> None:
     for round_ in range(2):
-        tasks = [asyncio.create_task(ar.AsyncResult(f"c{round_}-{i}", backend).get(
-            timeout=None if i % 2 else 0.05)) for i in range(1000)]
+        tasks = [
+            asyncio.create_task(
+                ar.AsyncResult(f"c{round_}-{i}", backend).get(timeout=None if i % 2 else 0.05)
+            )
+            for i in range(1000)
+        ]
         with anyio.fail_after(10):
             while len(backend.hub) < 500:
                 await asyncio.sleep(0.01)
@@ -133,8 +137,10 @@ async def test_group_tuple_format_and_restore(backend: MemoryBackend) -> None:
     group: ar.GroupResult[Any] = ar.GroupResult(
         "g-1", [ar.AsyncResult("a1", backend), ar.AsyncResult("a2", backend, parent=parent)]
     )
-    assert group.as_tuple() == [["g-1", None], [[["a1", None], None],
-                                                [["a2", [["p0", None], None]], None]]]
+    assert group.as_tuple() == [
+        ["g-1", None],
+        [[["a1", None], None], [["a2", [["p0", None], None]], None]],
+    ]
     await group.save()
     restored = await ar.GroupResult.restore("g-1", backend)
     assert restored == group and restored is not None
@@ -148,17 +154,22 @@ async def test_memory_and_results_under_trio() -> None:
     async def main() -> list[Any]:
         async with MemoryBackend() as backend:
             async with anyio.create_task_group() as tg:
+
                 async def store() -> None:
                     await anyio.sleep(0.02)
                     await backend.mark_as_done("t", "trio")
                     await backend.mark_as_done("u", "too")
+
                 tg.start_soon(store)
                 value = await ar.AsyncResult("t", backend).get(timeout=5)
-                joined = await ar.ResultSet([ar.AsyncResult("t", backend),
-                                             ar.AsyncResult("u", backend)]).join(timeout=5)
+                joined = await ar.ResultSet(
+                    [ar.AsyncResult("t", backend), ar.AsyncResult("u", backend)]
+                ).join(timeout=5)
             with pytest.raises(ar.ResultTimeout):
                 await ar.AsyncResult("never", backend).get(timeout=0.05)
             return [value, joined]
 
     assert await anyio.to_thread.run_sync(lambda: anyio.run(main, backend="trio")) == [
-        "trio", ["trio", "too"]]
+        "trio",
+        ["trio", "too"],
+    ]

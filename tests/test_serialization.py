@@ -19,7 +19,7 @@ import aioresults as ar
 from aioresults import Codec, exception_from_dict, exception_to_dict
 
 TYPED: dict[str, Any] = {
-    "when": dt.datetime(2026, 11, 21, 9, 31, 47, 941024, tzinfo=dt.timezone.utc),
+    "when": dt.datetime(2026, 11, 21, 9, 31, 47, 941024, tzinfo=dt.UTC),
     "naive": dt.datetime(2026, 1, 2, 3, 4, 5),
     "day": dt.date(2026, 11, 21),
     "at": dt.time(9, 31, 47, 5),
@@ -95,8 +95,9 @@ def test_pickle_is_refused_unless_accepted() -> None:
         Codec("json", accept=["json", "msgpack"]).decode(pickle.dumps({"a": 1}))
     trusting = Codec("json", accept=["json", "pickle"])
     assert trusting.decode(pickle.dumps({"a": 1})) == {"a": 1}
-    assert Codec("pickle", accept=["pickle"]).decode(Codec("pickle", accept=["pickle"]).encode(
-        {"t": (1, 2)})) == {"t": (1, 2)}
+    assert Codec("pickle", accept=["pickle"]).decode(
+        Codec("pickle", accept=["pickle"]).encode({"t": (1, 2)})
+    ) == {"t": (1, 2)}
 
 
 def test_msgpack_round_trip_and_accept() -> None:
@@ -129,7 +130,11 @@ class AppError(Exception):
 
 def test_builtin_exception_round_trip_matches_celery() -> None:
     stored = exception_to_dict(ValueError("bad", 42))
-    assert stored == {"exc_type": "ValueError", "exc_message": ["bad", 42], "exc_module": "builtins"}
+    assert stored == {
+        "exc_type": "ValueError",
+        "exc_message": ["bad", 42],
+        "exc_module": "builtins",
+    }
     back = exception_from_dict(stored, traceback="Traceback (most recent call last):\n  x\n")
     assert type(back) is ValueError and back.args == ("bad", 42)
     assert back.remote_traceback.startswith("Traceback")  # type: ignore[union-attr]
@@ -145,11 +150,15 @@ def test_unknown_type_is_synthesized_never_imported() -> None:
     data = {"exc_type": "Outer.InnerError", "exc_message": ["x"], "exc_module": "not_a_module_xyz"}
     exc = exception_from_dict(data)
     assert isinstance(exc, ar.RemoteTaskError)
-    assert (exc.remote_type, exc.remote_module, exc.args) == ("Outer.InnerError",
-                                                              "not_a_module_xyz", ("x",))
+    assert (exc.remote_type, exc.remote_module, exc.args) == (
+        "Outer.InnerError",
+        "not_a_module_xyz",
+        ("x",),
+    )
     assert type(exc).__name__ == "InnerError"
     assert type(exception_from_dict(data)) is type(exc)
     import sys
+
     assert "not_a_module_xyz" not in sys.modules
     assert exception_to_dict(exc) == {**data, "exc_message": ["x"]}
 
@@ -163,13 +172,19 @@ def test_imported_application_exception_is_not_instantiated() -> None:
 
 @pytest.mark.parametrize(
     ("exc_type", "exc_module"),
-    [("system", "os"), ("print", "builtins"), ("object", "builtins"), ("loads", "pickle"),
-     ("path.join", "os")],
+    [
+        ("system", "os"),
+        ("print", "builtins"),
+        ("object", "builtins"),
+        ("loads", "pickle"),
+        ("path.join", "os"),
+    ],
 )
 def test_non_exception_types_are_refused(exc_type: str, exc_module: str) -> None:
     with pytest.raises(ar.SecurityError, match="not an exception"):
-        exception_from_dict({"exc_type": exc_type, "exc_message": ["echo pwned"],
-                             "exc_module": exc_module})
+        exception_from_dict(
+            {"exc_type": exc_type, "exc_message": ["echo pwned"], "exc_module": exc_module}
+        )
 
 
 def test_base_exceptions_are_not_raised_as_themselves() -> None:
@@ -179,8 +194,9 @@ def test_base_exceptions_are_not_raised_as_themselves() -> None:
 
 
 def test_constructor_mismatch_is_synthesized() -> None:
-    exc = exception_from_dict({"exc_type": "UnicodeDecodeError", "exc_message": ["only one"],
-                               "exc_module": "builtins"})
+    exc = exception_from_dict(
+        {"exc_type": "UnicodeDecodeError", "exc_message": ["only one"], "exc_module": "builtins"}
+    )
     assert isinstance(exc, ar.RemoteTaskError) and exc.args == ("only one",)
 
 
@@ -198,8 +214,11 @@ def test_revoked_uses_celerys_type_and_celery_reads_ours() -> None:
     from celery.exceptions import TaskRevokedError as CeleryRevoked
 
     stored = exception_to_dict(ar.TaskRevokedError("terminated"))
-    assert stored == {"exc_type": "TaskRevokedError", "exc_message": ["terminated"],
-                      "exc_module": "celery.exceptions"}
+    assert stored == {
+        "exc_type": "TaskRevokedError",
+        "exc_message": ["terminated"],
+        "exc_module": "celery.exceptions",
+    }
     assert isinstance(exception_from_dict(stored), ar.TaskRevokedError)
     app = Celery(broker="memory://", backend="cache+memory://")
     try:

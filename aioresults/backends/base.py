@@ -339,7 +339,7 @@ class BaseBackend(ABC):
         for task in tasks:
             try:
                 await task
-            except BaseException:  # noqa: S110 - the task was cancelled on purpose
+            except BaseException:
                 pass
         if self._task_group is not None:
             self._task_group.cancel_scope.cancel()
@@ -366,8 +366,9 @@ class BaseBackend(ABC):
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            logger.error("background task %s of %r failed", task.get_name(), self,
-                         exc_info=task.exception())
+            logger.error(
+                "background task %s of %r failed", task.get_name(), self, exc_info=task.exception()
+            )
 
     # ------------------------------------------------------------ ids
 
@@ -413,9 +414,7 @@ class BaseBackend(ABC):
         """Store STARTED; ``meta`` (e.g. ``{"pid": ..., "hostname": ...}``) is the result."""
         return await self.store_result(task_id, meta, states.STARTED, **fields)
 
-    async def update_state(
-        self, task_id: str, state: str, meta: Any = None, **fields: Any
-    ) -> bool:
+    async def update_state(self, task_id: str, state: str, meta: Any = None, **fields: Any) -> bool:
         """Store any state (e.g. ``"PROGRESS"``) with ``meta`` as its result."""
         return await self.store_result(task_id, meta, state, **fields)
 
@@ -441,9 +440,7 @@ class BaseBackend(ABC):
 
     async def mark_as_revoked(self, task_id: str, reason: str = "", **fields: Any) -> bool:
         """Store REVOKED with a :class:`~aioresults.TaskRevokedError`."""
-        return await self.store_result(
-            task_id, TaskRevokedError(reason), states.REVOKED, **fields
-        )
+        return await self.store_result(task_id, TaskRevokedError(reason), states.REVOKED, **fields)
 
     # ------------------------------------------------------------ reading
 
@@ -527,13 +524,15 @@ class BaseBackend(ABC):
             )
         count, size = counted
         if count == 0:
-            return ChordProgress(group_id, task_id, counted=False, count=None, size=size,
-                                 complete=False)
+            return ChordProgress(
+                group_id, task_id, counted=False, count=None, size=size, complete=False
+            )
         if count != size:
             if count > size:
                 logger.warning("chord %s counted %d parts of %d", group_id, count, size)
-            return ChordProgress(group_id, task_id, counted=True, count=count, size=size,
-                                 complete=False)
+            return ChordProgress(
+                group_id, task_id, counted=True, count=count, size=size, complete=False
+            )
         return await self._chord_outcome(group_id, task_id, size)
 
     async def _chord_outcome(self, group_id: str, task_id: str, size: int) -> ChordProgress:
@@ -566,8 +565,15 @@ class BaseBackend(ABC):
                     first_exc = value
             results.append(value)
         return ChordProgress(
-            group_id, task_id, counted=True, count=size, size=size, complete=True,
-            results=results, failed_task_ids=tuple(failed), exception=first_exc,
+            group_id,
+            task_id,
+            counted=True,
+            count=size,
+            size=size,
+            complete=True,
+            results=results,
+            failed_task_ids=tuple(failed),
+            exception=first_exc,
         )
 
     # ------------------------------------------------------------ housekeeping
@@ -769,15 +775,15 @@ class KeyValueBackend(BaseBackend):
         return [self.decode_meta(t, p) for t, p in zip(task_ids, payloads, strict=True)]
 
     async def _write_meta(self, meta: ResultMeta) -> bool:
-        return await self.set_guarded(self.task_key(meta.task_id), self.encode_meta(meta),
-                                      self.expires)
+        return await self.set_guarded(
+            self.task_key(meta.task_id), self.encode_meta(meta), self.expires
+        )
 
     async def _forget(self, task_id: str) -> None:
         await self.delete(self.task_key(task_id))
 
     async def _save_group(self, group_id: str, group: list[Any]) -> None:
-        await self.set(self.group_key(group_id), self.codec.encode({"result": group}),
-                       self.expires)
+        await self.set(self.group_key(group_id), self.codec.encode({"result": group}), self.expires)
 
     async def _restore_group(self, group_id: str) -> list[Any] | None:
         payload = await self.get(self.group_key(group_id))
@@ -804,8 +810,9 @@ class KeyValueBackend(BaseBackend):
         if raw is None:
             return None
         size = int(raw)
-        if not await self.add_field(self.chord_key(group_id, "p"), field, payload,
-                                    self.chord_expires):
+        if not await self.add_field(
+            self.chord_key(group_id, "p"), field, payload, self.chord_expires
+        ):
             return 0, size
         return await self.incr(self.chord_key(group_id, "n"), self.chord_expires), size
 

@@ -44,14 +44,14 @@ async def test_store_and_read_success(backend: ar.BaseBackend) -> None:
     assert meta.result == {"answer": 42, "items": [1, "two", None]}
     assert meta.task_id == task_id
     assert meta.date_done is not None and meta.date_done.tzinfo is not None
-    assert abs(meta.date_done - dt.datetime.now(dt.timezone.utc)) < dt.timedelta(minutes=1)
+    assert abs(meta.date_done - dt.datetime.now(dt.UTC)) < dt.timedelta(minutes=1)
     assert await ar.AsyncResult(task_id, backend) == {"answer": 42, "items": [1, "two", None]}
 
 
 async def test_typed_values_round_trip(backend: ar.BaseBackend) -> None:
     task_id = new_id()
     value = {
-        "when": dt.datetime(2026, 11, 21, 9, 31, 47, 941024, tzinfo=dt.timezone.utc),
+        "when": dt.datetime(2026, 11, 21, 9, 31, 47, 941024, tzinfo=dt.UTC),
         "day": dt.date(2026, 11, 21),
         "at": dt.time(9, 31, 47),
         "id": uuid.UUID("0560e8f4-2d0a-4b46-9d1b-2d1a6d1f3c11"),
@@ -66,9 +66,17 @@ async def test_typed_values_round_trip(backend: ar.BaseBackend) -> None:
 async def test_extended_fields_round_trip(backend: ar.BaseBackend) -> None:
     task_id, group_id, parent_id = new_id(), new_id(), new_id()
     await backend.store_result(
-        task_id, 5, states.SUCCESS,
-        group_id=group_id, parent_id=parent_id, name="tasks.add", args=[2, 3],
-        kwargs={"z": 1}, worker="w1@host", retries=2, queue="celery",
+        task_id,
+        5,
+        states.SUCCESS,
+        group_id=group_id,
+        parent_id=parent_id,
+        name="tasks.add",
+        args=[2, 3],
+        kwargs={"z": 1},
+        worker="w1@host",
+        retries=2,
+        queue="celery",
     )
     meta = await backend.get_meta(task_id)
     assert (meta.group_id, meta.parent_id) == (group_id, parent_id)
@@ -275,7 +283,9 @@ async def test_waiter_wakes_on_store_from_another_instance(make_backend: MakeBac
 async def test_many_waiters_on_one_id(make_backend: MakeBackend) -> None:
     writer, reader = await make_backend(), await make_backend()
     task_id = new_id()
-    waits = [asyncio.create_task(ar.AsyncResult(task_id, reader).get(timeout=10)) for _ in range(100)]
+    waits = [
+        asyncio.create_task(ar.AsyncResult(task_id, reader).get(timeout=10)) for _ in range(100)
+    ]
     await asyncio.sleep(0.1)
     assert reader.hub.watched_ids() == [task_id]
     await writer.mark_as_done(task_id, "all")
@@ -333,9 +343,7 @@ async def test_timeout_zero_checks_once(backend: ar.BaseBackend) -> None:
 async def test_cancelled_and_timed_out_waits_leave_nothing(backend: ar.BaseBackend) -> None:
     ids = [new_id() for _ in range(500)]
     cancelled = [asyncio.create_task(ar.AsyncResult(i, backend).get()) for i in ids]
-    timed_out = [
-        asyncio.create_task(ar.AsyncResult(i, backend).get(timeout=1)) for i in ids
-    ]
+    timed_out = [asyncio.create_task(ar.AsyncResult(i, backend).get(timeout=1)) for i in ids]
     with anyio.fail_after(10):
         while len(backend.hub) < 1000:
             await asyncio.sleep(0.01)
@@ -417,7 +425,9 @@ async def test_join_in_order_and_as_completed_in_completion_order(
 async def test_join_waits_then_times_out(backend: ar.BaseBackend) -> None:
     done, missing = new_id(), new_id()
     await backend.mark_as_done(done, "ok")
-    group: ar.ResultSet[Any] = ar.ResultSet([ar.AsyncResult(done, backend), ar.AsyncResult(missing, backend)])
+    group: ar.ResultSet[Any] = ar.ResultSet(
+        [ar.AsyncResult(done, backend), ar.AsyncResult(missing, backend)]
+    )
     with pytest.raises(ar.ResultTimeout) as caught:
         await group.join(timeout=0.2)
     assert caught.value.task_ids == (missing,)
@@ -468,9 +478,11 @@ async def test_chord_completes_once_in_header_order(make_backend: MakeBackend) -
     progress = []
     for index in [3, 1, 4, 0, 2]:
         backend = (one, two)[index % 2]
-        progress.append(await backend.chord_part_return(
-            group_id, parts[index], states.SUCCESS, index * 2, index=index
-        ))
+        progress.append(
+            await backend.chord_part_return(
+                group_id, parts[index], states.SUCCESS, index * 2, index=index
+            )
+        )
     assert [p.complete for p in progress] == [False] * 4 + [True]
     assert [p.count for p in progress] == [1, 2, 3, 4, 5]
     final = progress[-1]
@@ -522,8 +534,9 @@ async def test_chord_concurrent_parts_complete_exactly_once(make_backend: MakeBa
 
     async def deliver(n: int, index: int, task_id: str) -> ar.ChordProgress:
         backend = backends[n % len(backends)]
-        return await backend.chord_part_return(group_id, task_id, states.SUCCESS, index,
-                                               index=index)
+        return await backend.chord_part_return(
+            group_id, task_id, states.SUCCESS, index, index=index
+        )
 
     outcomes = await asyncio.gather(*(deliver(n, i, t) for n, (i, t) in enumerate(deliveries)))
     assert sum(o.complete for o in outcomes) == 1
