@@ -31,6 +31,7 @@ from ._meta import ResultMeta
 from ._registry import DEFAULT_URL, connect, known_schemes, register_backend
 from ._result import AsyncResult
 from ._serialization import Codec, exception_from_dict, exception_to_dict
+from ._worker import TaskTracker, TrackedTask, current_task, task
 from .backends.base import BaseBackend, ChordProgress, KeyValueBackend, ResultBackend
 
 __version__ = "0.1.0"
@@ -62,14 +63,18 @@ __all__ = [
     "SecurityError",
     "SerializationError",
     "TaskRevokedError",
+    "TaskTracker",
+    "TrackedTask",
     "UnknownBackend",
     "connect",
+    "current_task",
     "exception_from_dict",
     "exception_to_dict",
     "known_schemes",
     "register_backend",
     "result_from_tuple",
     "states",
+    "task",
 ]
 
 for _name in __all__:

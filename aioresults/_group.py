@@ -6,10 +6,12 @@ from collections.abc import AsyncGenerator, Iterable, Iterator
 from contextlib import aclosing
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
+import anyio
+
 from . import states
 from ._exceptions import DecodeError
 from ._meta import ResultMeta
-from ._result import AsyncResult, iter_updates, value_of
+from ._result import AsyncResult, _deadline, _read, iter_updates, value_of
 
 if TYPE_CHECKING:
     from .backends.base import ResultBackend
@@ -29,9 +31,15 @@ class ResultSet(Generic[T]):
     def __init__(
         self, results: Iterable[AsyncResult[T]] = (), backend: ResultBackend | None = None
     ) -> None:
-        self.results: list[AsyncResult[T]] = []
+        self._results: list[AsyncResult[T]] = []
+        self._ids: set[str] = set()
         self._backend = backend
         self.update(results)
+
+    @property
+    def results(self) -> list[AsyncResult[T]]:
+        """The members, in order (change them with :meth:`add`, :meth:`remove`, ...)."""
+        return self._results
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__}: [{', '.join(r.id for r in self.results)}]>"
@@ -52,7 +60,9 @@ class ResultSet(Generic[T]):
         return self.results[index]
 
     def __contains__(self, item: object) -> bool:
-        return any(r == item for r in self.results)
+        if isinstance(item, AsyncResult):
+            item = item.id
+        return item in self._ids
 
     @property
     def backend(self) -> ResultBackend:
@@ -69,8 +79,9 @@ class ResultSet(Generic[T]):
             self._backend = result.backend
         elif result.backend is not self._backend:
             raise ValueError("every member of a result set must use the same backend")
-        if result not in self.results:
-            self.results.append(result)
+        if result.id not in self._ids:
+            self._ids.add(result.id)
+            self._results.append(result)
 
     def update(self, results: Iterable[AsyncResult[T]]) -> None:
         """Add several results."""
@@ -79,11 +90,11 @@ class ResultSet(Generic[T]):
 
     def remove(self, result: AsyncResult[T] | str) -> None:
         """Remove a member (by result or id); :class:`KeyError` if absent."""
-        for i, member in enumerate(self.results):
-            if member == result:
-                del self.results[i]
-                return
-        raise KeyError(result)
+        task_id = result.id if isinstance(result, AsyncResult) else result
+        if task_id not in self._ids:
+            raise KeyError(result)
+        self._ids.discard(task_id)
+        self._results = [r for r in self._results if r.id != task_id]
 
     def discard(self, result: AsyncResult[T] | str) -> None:
         """Remove a member if present."""
@@ -94,7 +105,8 @@ class ResultSet(Generic[T]):
 
     def clear(self) -> None:
         """Remove every member."""
-        self.results.clear()
+        self._results.clear()
+        self._ids.clear()
 
     # ------------------------------------------------------------ reading
 
@@ -155,6 +167,17 @@ class ResultSet(Generic[T]):
         :raises ResultTimeout: not every member was ready in time.
         """
         by_id = {r.id: r for r in self.results}
+        unread = [r for r in self.results if r._meta is None]
+        if unread and (timeout is None or timeout > 0):
+            # One batched read first: a finished group needs nothing more.
+            started = anyio.current_time()
+            metas = await _read(self.backend, [r.id for r in unread], timeout, _deadline(timeout))
+            for result, meta in zip(unread, metas, strict=True):
+                result._remember(meta)
+                if propagate and meta.status in states.PROPAGATE_STATES:
+                    value_of(meta, propagate=True)
+            if timeout is not None:
+                timeout = max(0.0, timeout - (anyio.current_time() - started))
         async with aclosing(self._ready_metas(timeout)) as ready:
             async for meta in ready:
                 by_id[meta.task_id]._remember(meta)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import types
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -16,6 +17,7 @@ __all__ = ["ResultMeta"]
 # only when set (or when the record they came from had them).
 _OPTIONAL = ("group_id", "parent_id")
 _EXTENDED = ("name", "args", "kwargs", "worker", "retries", "queue")
+_NO_EXTRA: Mapping[str, Any] = types.MappingProxyType({})
 _KNOWN = frozenset(
     ("status", "result", "traceback", "children", "date_done", "task_id", *_OPTIONAL, *_EXTENDED)
 )
@@ -28,9 +30,13 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)
 class ResultMeta:
     """The stored record of one task, with Celery's field names.
+
+    Treat it as read-only: one instance is shared by every waiter on the task
+    and cached by results. (It is not a frozen dataclass only because freezing
+    makes building one several times slower, and joins build thousands.)
 
     For exception states (FAILURE, RETRY, REVOKED) ``result`` holds the rebuilt
     exception. ``date_done`` is set for ready states only. ``extra`` keeps any
@@ -52,7 +58,7 @@ class ResultMeta:
     worker: str | None = None
     retries: int | None = None
     queue: str | None = None
-    extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    extra: Mapping[str, Any] = dataclasses.field(default_factory=lambda: _NO_EXTRA)
     #: Keys the stored record had (kept so that a round trip writes the same keys).
     present: frozenset[str] = dataclasses.field(default=frozenset(), compare=False, repr=False)
 
@@ -122,44 +128,48 @@ class ResultMeta:
             defaults to :func:`aioresults._serialization.exception_from_dict`.
         :raises DecodeError: the record is not a mapping or has invalid fields.
         """
-        if not isinstance(data, Mapping):
+        if type(data) is not dict and not isinstance(data, Mapping):
             raise DecodeError(f"stored result must be a mapping, not {type(data).__name__}")
-        status = data.get("status", states.PENDING)
-        if not isinstance(status, str):
+        get = data.get
+        status = get("status", states.PENDING)
+        if type(status) is not str:
             raise DecodeError("stored result has a non-string status")
-        stored_id = data.get("task_id", task_id)
-        if not isinstance(stored_id, str):
+        stored_id = get("task_id", task_id)
+        if type(stored_id) is not str:
             raise DecodeError("stored result has no task_id")
-        traceback = data.get("traceback")
-        result = data.get("result")
+        traceback = get("traceback")
+        result = get("result")
         if status in states.EXCEPTION_STATES and isinstance(result, dict):
             from ._serialization import exception_from_dict
 
             decode = exception_decoder or exception_from_dict
             result = decode(result, traceback if isinstance(traceback, str) else None)
-        date_done = data.get("date_done")
-        if isinstance(date_done, str):
+        date_done = get("date_done")
+        if type(date_done) is str:
             try:
                 date_done = dt.datetime.fromisoformat(date_done)
             except ValueError as exc:
                 raise DecodeError(f"stored date_done is not ISO 8601: {date_done!r}") from exc
         elif date_done is not None and not isinstance(date_done, dt.datetime):
             raise DecodeError("stored date_done is not a date")
+        # Positional, in field order: the hot path of every read.
         return cls(
-            task_id=stored_id,
-            status=status,
-            result=result,
-            traceback=traceback,
-            children=data.get("children"),
-            date_done=date_done,
-            group_id=data.get("group_id"),
-            parent_id=data.get("parent_id"),
-            name=data.get("name"),
-            args=data.get("args"),
-            kwargs=data.get("kwargs"),
-            worker=data.get("worker"),
-            retries=data.get("retries"),
-            queue=data.get("queue"),
-            extra={k: v for k, v in data.items() if k not in _KNOWN},
-            present=frozenset(data),
+            stored_id,
+            status,
+            result,
+            traceback,
+            get("children"),
+            date_done,
+            get("group_id"),
+            get("parent_id"),
+            get("name"),
+            get("args"),
+            get("kwargs"),
+            get("worker"),
+            get("retries"),
+            get("queue"),
+            _NO_EXTRA
+            if data.keys() <= _KNOWN
+            else {k: v for k, v in data.items() if k not in _KNOWN},
+            frozenset(data),
         )

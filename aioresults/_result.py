@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncGenerator, Generator, Sequence
 from contextlib import aclosing
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, overload
 
 import anyio
+import sniffio
 
 from . import states
 from ._exceptions import RemoteTaskError, ResultTimeout
@@ -18,6 +20,33 @@ if TYPE_CHECKING:
 __all__ = ["AsyncResult", "iter_updates"]
 
 T = TypeVar("T")
+
+
+def _deadline(timeout: float | None) -> float | None:
+    if timeout is None:
+        return None
+    if timeout < 0:
+        raise ValueError("timeout must be None or >= 0")
+    return anyio.current_time() + timeout
+
+
+async def _read(
+    backend: ResultBackend, task_ids: Sequence[str], timeout: float | None, deadline: float | None
+) -> list[ResultMeta]:
+    """The first read of a wait, bounded by its deadline (``timeout=0`` reads once)."""
+    if deadline is None or timeout == 0:
+        return await backend.get_many(task_ids)
+    assert timeout is not None
+    if sniffio.current_async_library() == "asyncio":
+        # asyncio's own timeout keeps no per-task state, unlike a cancel scope.
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await backend.get_many(task_ids)
+        except TimeoutError:
+            raise ResultTimeout(task_ids, timeout) from None
+    with anyio.move_on_after(deadline - anyio.current_time()):
+        return await backend.get_many(task_ids)
+    raise ResultTimeout(task_ids, timeout)
 
 
 async def iter_updates(
@@ -32,51 +61,57 @@ async def iter_updates(
         (``timeout=0`` reads once and never waits).
     :raises DecodeError: an id's stored payload is corrupt.
     """
-    if timeout is not None and timeout < 0:
-        raise ValueError("timeout must be None or >= 0")
-    deadline = None if timeout is None else anyio.current_time() + timeout
-
-    def remaining() -> float:
-        return float("inf") if deadline is None else deadline - anyio.current_time()
-
-    def expired(pending: Sequence[str]) -> ResultTimeout:
-        assert timeout is not None
-        return ResultTimeout(sorted(pending), timeout)
-
-    metas: list[ResultMeta] | None = None
-    if timeout is None or timeout == 0:
-        # timeout=0 checks once, however long that takes.
-        metas = await backend.get_many(task_ids)
-    else:
-        with anyio.move_on_after(remaining()):
-            metas = await backend.get_many(task_ids)
-    if metas is None:
-        raise expired(task_ids)
+    deadline = _deadline(timeout)
     pending = set()
-    for meta in metas:
+    for meta in await _read(backend, task_ids, timeout, deadline):
         yield meta
         if not meta.ready:
             pending.add(meta.task_id)
     if not pending:
         return
-    if remaining() <= 0:
-        raise expired(sorted(pending))
+    if deadline is not None and anyio.current_time() >= deadline:
+        assert timeout is not None
+        raise ResultTimeout(sorted(pending), timeout)
     async with backend.waiter(sorted(pending)) as waiter:
         while pending:
-            if deadline is None:
-                task_id, item = await waiter.next()
-            else:
-                got = None
-                with anyio.move_on_after(remaining()):
-                    got = await waiter.next()
-                if got is None:
-                    raise expired(sorted(pending))
-                task_id, item = got
+            got = await waiter.next(deadline)
+            if got is None:
+                assert timeout is not None
+                raise ResultTimeout(sorted(pending), timeout)
+            task_id, item = got
             if isinstance(item, Exception):
                 raise item
             yield item
             if item.ready:
                 pending.discard(task_id)
+
+
+async def wait_ready(backend: ResultBackend, task_id: str, timeout: float | None) -> ResultMeta:
+    """Wait for one id's ready record; :func:`iter_updates` without the generator,
+    since one task may hold tens of thousands of these waits at once."""
+    deadline = _deadline(timeout)
+    meta = (await _read(backend, [task_id], timeout, deadline))[0]
+    if meta.ready:
+        return meta
+    del meta  # the hub keeps the record it reads next; don't hold two per waiter
+    if deadline is not None and anyio.current_time() >= deadline:
+        assert timeout is not None
+        raise ResultTimeout([task_id], timeout)
+    async with backend.waiter([task_id]) as waiter:
+        while True:
+            got = waiter.take()
+            if got is None:
+                await waiter.arrival(deadline)
+                got = waiter.take()
+            if got is None:
+                assert timeout is not None
+                raise ResultTimeout([task_id], timeout)
+            # Read through `got` only: it is reassigned before the next wait,
+            # so an unfinished record is not kept alive while waiting.
+            if isinstance(got[1], Exception):
+                raise got[1]
+            if got[1].ready:
+                return got[1]
 
 
 class AsyncResult(Generic[T]):
@@ -166,11 +201,7 @@ class AsyncResult(Generic[T]):
         """
         if self._meta is not None:
             return self._meta
-        async with aclosing(iter_updates(self.backend, [self.id], timeout)) as updates:
-            async for meta in updates:
-                if meta.ready:
-                    return self._remember(meta)
-        raise AssertionError("unreachable: updates end only when ready")  # pragma: no cover
+        return self._remember(await wait_ready(self.backend, self.id, timeout))
 
     @overload
     async def get(self, timeout: float | None = None, propagate: Literal[True] = True) -> T: ...
@@ -188,7 +219,9 @@ class AsyncResult(Generic[T]):
             if False, return the exception instead.
         :raises ResultTimeout: not ready in time (also a :class:`TimeoutError`).
         """
-        return value_of(await self.wait(timeout), propagate)
+        # Not through wait(): one coroutine less per waiting task.
+        meta = self._meta or self._remember(await wait_ready(self.backend, self.id, timeout))
+        return value_of(meta, propagate)
 
     async def watch(self, timeout: float | None = None) -> AsyncGenerator[ResultMeta, None]:
         """Yield the record now and at every state change, ending with the ready one.

@@ -106,8 +106,25 @@ def _json_dumps(obj: Any) -> bytes:
     return json.dumps(obj, default=_json_default).encode("utf-8")
 
 
+_TAGGED_DECODER = json.JSONDecoder(object_hook=_json_object_hook)
+_PLAIN_DECODER = json.JSONDecoder()
+_scan_once: Callable[[str, int], tuple[Any, int]] = _PLAIN_DECODER.scan_once  # type: ignore[attr-defined]
+
+
 def _json_loads(data: bytes) -> Any:
-    return json.loads(data.decode("utf-8"), object_hook=_json_object_hook)
+    text = data.decode("utf-8")
+    # Most records hold no tagged value: skip the per-object hook for them.
+    if '"__type__"' in text:
+        return _TAGGED_DECODER.decode(text)
+    # The C scanner directly (what json.loads ends up calling), checking for
+    # trailing data as json.loads does; joins decode thousands of records.
+    try:
+        value, end = _scan_once(text, 0)
+    except StopIteration:
+        return _PLAIN_DECODER.decode(text)  # leading whitespace or empty: the full path
+    if end != len(text) and text[end:].strip():
+        raise json.JSONDecodeError("Extra data", text, end)
+    return value
 
 
 # ---------------------------------------------------------------- msgpack, pickle
@@ -443,7 +460,12 @@ class Codec:
         :raises ContentDisallowed: its serializer is not in ``accept``.
         :raises DecodeError: it is corrupt.
         """
-        data = payload.encode("utf-8") if isinstance(payload, str) else bytes(payload)
+        if isinstance(payload, bytes):
+            data = payload
+        elif isinstance(payload, str):
+            data = payload.encode("utf-8")
+        else:
+            data = bytes(payload)
         if len(data) > self.max_value_size:
             raise ResultTooLarge(
                 f"stored payload is {len(data)} bytes; max_value_size is {self.max_value_size}"

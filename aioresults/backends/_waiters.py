@@ -22,17 +22,18 @@ After a reconnect a backend re-establishes its watches first and then calls
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Protocol, Union
+from typing import Protocol, Union
 
 import anyio
 import anyio.lowlevel
+import sniffio
 
-if TYPE_CHECKING:
-    from .._meta import ResultMeta
+from .._meta import ResultMeta
+from ..states import PENDING
 
 __all__ = ["HubSource", "Item", "Waiter", "WaiterHub"]
 
@@ -60,13 +61,15 @@ class Waiter:
     after registering, then each change. Leaving the block unregisters.
     """
 
-    __slots__ = ("_event", "_hub", "_items", "ids")
+    # Kept small: a process may hold tens of thousands of these.
+    __slots__ = ("_hub", "_items", "_timer", "_wake", "ids")
 
     def __init__(self, hub: WaiterHub, ids: Iterable[str]) -> None:
         self.ids = tuple(dict.fromkeys(ids))
         self._hub = hub
-        self._items: deque[tuple[str, Item]] = deque()
-        self._event: anyio.Event | None = None
+        self._items: list[tuple[str, Item]] | None = None
+        self._wake: asyncio.Future[None] | anyio.Event | None = None
+        self._timer: asyncio.TimerHandle | None = None
 
     async def __aenter__(self) -> Waiter:
         self._hub._add(self)
@@ -84,25 +87,92 @@ class Waiter:
         tb: TracebackType | None,
     ) -> None:
         self._hub._remove(self)
+        self._stop_timer()
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def _put(self, task_id: str, item: Item) -> None:
+        if self._items is None:
+            self._items = []
         self._items.append((task_id, item))
-        if self._event is not None:
-            self._event.set()
+        wake, self._wake = self._wake, None
+        if wake is None:
+            return
+        if isinstance(wake, anyio.Event):
+            wake.set()
+        else:
+            self._stop_timer()
+            if not wake.done():
+                wake.set_result(None)
 
     def pending(self) -> bool:
         """Whether an item is waiting to be taken."""
         return bool(self._items)
 
-    async def next(self) -> tuple[str, Item]:
-        """Wait for and return the next ``(task_id, item)``."""
-        while not self._items:
-            self._event = anyio.Event()
-            try:
-                await self._event.wait()
-            finally:
-                self._event = None
-        return self._items.popleft()
+    def take(self) -> tuple[str, Item] | None:
+        """The next ``(task_id, item)`` if one has arrived, else None."""
+        return self._items.pop(0) if self._items else None
+
+    def arrival(self, deadline: float | None = None) -> Awaitable[None]:
+        """An awaitable that ends when an item arrives or at ``deadline``
+        (an :func:`anyio.current_time`); then :meth:`take` tells which.
+
+        On asyncio it is a bare future with one timer: far lighter than an
+        anyio Event, a cancel scope and a coroutine, at 10,000 waiters.
+        """
+        if self._items or sniffio.current_async_library() != "asyncio":
+            return self._wait_anyio(deadline)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        self._wake = future
+        self._stop_timer()
+        if deadline is not None:
+            self._timer = loop.call_at(deadline, _expire, future)
+        return future
+
+    async def next(self, deadline: float | None = None) -> tuple[str, Item] | None:
+        """Wait for and return the next ``(task_id, item)``.
+
+        :param deadline: give up at this :func:`anyio.current_time`; then
+            return None.
+        """
+        if not self._items:
+            await self.arrival(deadline)
+        return self.take()
+
+    async def _wait_anyio(self, deadline: float | None) -> None:
+        if self._items:
+            return
+        event = self._wake = anyio.Event()
+        delay = float("inf") if deadline is None else deadline - anyio.current_time()
+        try:
+            with anyio.move_on_after(delay):
+                await event.wait()
+        finally:
+            self._wake = None
+
+
+_PENDING = object()
+
+
+def _token(item: Item) -> object:
+    """What the hub remembers of a record: most waiting ids have none yet,
+    and one shared marker costs nothing, where a meta per id would not."""
+    if (
+        isinstance(item, ResultMeta)
+        and item.status == PENDING
+        and item == ResultMeta.pending(item.task_id)
+    ):
+        return _PENDING
+    return item
+
+
+def _expire(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 class WaiterHub:
@@ -110,8 +180,10 @@ class WaiterHub:
 
     def __init__(self, source: HubSource) -> None:
         self._source = source
-        self._by_id: dict[str, set[Waiter]] = {}
-        self._last: dict[str, Item] = {}
+        # Usually one waiter per id: kept bare, a list only when there are more.
+        self._by_id: dict[str, Waiter | list[Waiter]] = {}
+        # The last record seen per id, to deliver each change once.
+        self._last: dict[str, object] = {}
         self._versions: dict[str, int] = {}
         self._to_watch: set[str] = set()
         self._in_flight: set[str] = set()
@@ -124,7 +196,7 @@ class WaiterHub:
 
     def __len__(self) -> int:
         """The number of registered waiters."""
-        return len({w for ws in self._by_id.values() for w in ws})
+        return len({w for task_id in self._by_id for w in self._waiters(task_id)})
 
     def watched_ids(self) -> list[str]:
         """The ids at least one waiter is waiting for."""
@@ -145,14 +217,23 @@ class WaiterHub:
 
     # ------------------------------------------------------------ registration
 
+    def _waiters(self, task_id: str) -> Sequence[Waiter]:
+        found = self._by_id.get(task_id)
+        if found is None:
+            return ()
+        return (found,) if isinstance(found, Waiter) else found
+
     def _add(self, waiter: Waiter) -> None:
         for task_id in waiter.ids:
-            waiters = self._by_id.get(task_id)
-            if waiters is None:
-                self._by_id[task_id] = waiters = set()
+            found = self._by_id.get(task_id)
+            if found is None:
+                self._by_id[task_id] = waiter
                 self._versions[task_id] = 0
                 self._to_watch.add(task_id)
-            waiters.add(waiter)
+            elif isinstance(found, Waiter):
+                self._by_id[task_id] = [found, waiter]
+            else:
+                found.append(waiter)
         self._to_read.add(waiter)
         self._registrations += 1
         if self._watched_event is not None:
@@ -162,11 +243,15 @@ class WaiterHub:
         self._to_read.discard(waiter)
         gone = []
         for task_id in waiter.ids:
-            waiters = self._by_id.get(task_id)
-            if waiters is None:
+            found = self._by_id.get(task_id)
+            if isinstance(found, list):
+                if waiter in found:
+                    found.remove(waiter)
+                if len(found) > 1:
+                    continue
+                self._by_id[task_id] = found[0]
                 continue
-            waiters.discard(waiter)
-            if not waiters:
+            if found is waiter:
                 del self._by_id[task_id]
                 self._versions.pop(task_id, None)
                 self._last.pop(task_id, None)
@@ -222,8 +307,13 @@ class WaiterHub:
         for task_id, item in zip(ids, items, strict=True):
             if self._versions.get(task_id) != versions[task_id]:
                 continue  # a newer record was delivered while we read
-            self._last[task_id] = item
-            for w in self._by_id.get(task_id, ()):
+            if task_id in self._last and self._last[task_id] != _token(item):
+                # Earlier waiters hold an older record and no push may follow
+                # (a poller compares with _last): this read is news for them too.
+                self.deliver(task_id, item)
+                continue
+            self._last[task_id] = _token(item)
+            for w in self._waiters(task_id):
                 if w in readers:
                     w._put(task_id, item)
 
@@ -231,12 +321,13 @@ class WaiterHub:
 
     def deliver(self, task_id: str, item: Item) -> None:
         """Hand a new record (or the error decoding it) to the waiters of ``task_id``."""
-        waiters = self._by_id.get(task_id)
+        waiters = self._waiters(task_id)
         if not waiters:
             return
-        if self._last.get(task_id) == item:
+        token = _token(item)
+        if self._last.get(task_id) == token:
             return
-        self._last[task_id] = item
+        self._last[task_id] = token
         self._versions[task_id] += 1
         for w in waiters:
             w._put(task_id, item)
@@ -256,7 +347,7 @@ class WaiterHub:
         for task_id, item in zip(ids, items, strict=True):
             if self._versions.get(task_id) != versions[task_id]:
                 continue
-            if self._last.get(task_id) != item:
+            if self._last.get(task_id) != _token(item):
                 changed += 1
                 self.deliver(task_id, item)
         return changed

@@ -39,6 +39,7 @@ from .._exceptions import (
 )
 from .._meta import ResultMeta, utcnow
 from .._serialization import DEFAULT_MAX_VALUE_SIZE, Codec, exception_to_dict
+from .._worker import TaskTracker
 from ._waiters import Item, Waiter, WaiterHub
 
 __all__ = [
@@ -74,7 +75,7 @@ def validate_id(task_id: object, what: str = "task id") -> str:
         raise InvalidTaskId(f"{what} must not be empty")
     if len(task_id) > MAX_ID_LENGTH:
         raise InvalidTaskId(f"{what} is {len(task_id)} characters; the limit is {MAX_ID_LENGTH}")
-    if _CONTROL.search(task_id):
+    if not task_id.isprintable() and _CONTROL.search(task_id):
         raise InvalidTaskId(f"{what} {task_id!r} contains NUL or control characters")
     return task_id
 
@@ -441,6 +442,37 @@ class BaseBackend(ABC):
     async def mark_as_revoked(self, task_id: str, reason: str = "", **fields: Any) -> bool:
         """Store REVOKED with a :class:`~aioresults.TaskRevokedError`."""
         return await self.store_result(task_id, TaskRevokedError(reason), states.REVOKED, **fields)
+
+    def track(
+        self,
+        task_id: str,
+        *,
+        name: str | None = None,
+        args: Any = None,
+        kwargs: Any = None,
+        group_id: str | None = None,
+        chord: str | None = None,
+        index: int | None = None,
+        report_worker: bool = False,
+        worker: str | None = None,
+    ) -> TaskTracker:
+        """Track one run of a task: ``async with backend.track(task_id) as task:``.
+
+        Stores STARTED on entry, then SUCCESS, FAILURE or REVOKED on exit; see
+        :class:`~aioresults.TaskTracker` for the parameters.
+        """
+        return TaskTracker(
+            self,
+            task_id,
+            name=name,
+            args=args,
+            kwargs=kwargs,
+            group_id=group_id,
+            chord=chord,
+            index=index,
+            report_worker=report_worker,
+            worker=worker,
+        )
 
     # ------------------------------------------------------------ reading
 

@@ -286,7 +286,9 @@ async def test_many_waiters_on_one_id(make_backend: MakeBackend) -> None:
     waits = [
         asyncio.create_task(ar.AsyncResult(task_id, reader).get(timeout=10)) for _ in range(100)
     ]
-    await asyncio.sleep(0.1)
+    with anyio.fail_after(10):
+        while len(reader.hub) < 100:
+            await asyncio.sleep(0.01)
     assert reader.hub.watched_ids() == [task_id]
     await writer.mark_as_done(task_id, "all")
     assert await asyncio.gather(*waits) == ["all"] * 100

@@ -1,0 +1,140 @@
+"""Shared pieces of the benchmarks: statistics, the report file, peer processes."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+REPORT = ROOT / "docs" / "benchmarks.md"
+CACHE = ROOT / ".cache" / "bench"
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0-100) by linear interpolation."""
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    if len(ordered) == 1:
+        return ordered[0]
+    rank = (len(ordered) - 1) * q / 100
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.2f} ms"
+
+
+def version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def machine() -> str:
+    """One line naming the machine and interpreter."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (
+        f"{os.cpu_count()} cores ({cpu}), Linux {platform.release()}, "
+        f"Python {platform.python_version()}"
+    )
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_section(name: str, body: str) -> None:
+    """Replace the section ``name`` of docs/benchmarks.md (between its markers)."""
+    begin, end = f"<!-- bench:{name}:begin -->", f"<!-- bench:{name}:end -->"
+    text = REPORT.read_text() if REPORT.exists() else "# Benchmarks\n"
+    block = f"{begin}\n{body.rstrip()}\n{end}"
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
+    text = (
+        pattern.sub(lambda _: block, text)
+        if pattern.search(text)
+        else text.rstrip() + "\n\n" + block + "\n"
+    )
+    REPORT.parent.mkdir(parents=True, exist_ok=True)
+    REPORT.write_text(text)
+
+
+def peer_venv(name: str, requirements: Sequence[str]) -> Path:
+    """A virtualenv under .cache/bench for a peer whose pins clash with ours; its python."""
+    venv = CACHE / name
+    python = venv / "bin" / "python"
+    stamp = venv / ".installed"
+    wanted = "\n".join(requirements)
+    if not (stamp.exists() and stamp.read_text() == wanted):
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", *requirements], check=True)
+        stamp.write_text(wanted)
+    return python
+
+
+class Writer:
+    """A writer in another process: ``await writer.store(task_id)`` makes it store
+    now and returns ``time.monotonic()`` taken just before its store call
+    (CLOCK_MONOTONIC is shared by every process on Linux)."""
+
+    def __init__(self, mode: str, url: str, python: str = sys.executable) -> None:
+        self.args = [python, str(ROOT / "benchmarks" / "_writer.py"), mode, url]
+        self.process: asyncio.subprocess.Process | None = None
+
+    async def __aenter__(self) -> Writer:
+        self.process = await asyncio.create_subprocess_exec(
+            *self.args,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            cwd=str(ROOT),
+        )
+        assert self.process.stdout is not None
+        ready = await asyncio.wait_for(self.process.stdout.readline(), 60)
+        if ready.strip() != b"ready":
+            raise RuntimeError(f"writer {self.args[2]} failed to start: {ready!r}")
+        return self
+
+    async def store(self, task_id: str) -> float:
+        assert self.process is not None and self.process.stdin and self.process.stdout
+        self.process.stdin.write(task_id.encode() + b"\n")
+        await self.process.stdin.drain()
+        return float(await self.process.stdout.readline())
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.process is not None:
+            assert self.process.stdin is not None
+            self.process.stdin.close()
+            try:
+                await asyncio.wait_for(self.process.wait(), 10)
+            except TimeoutError:
+                self.process.kill()
+                await self.process.wait()
+
+
+def now() -> float:
+    return time.monotonic()
+
+
+def summary(values: Sequence[float]) -> tuple[float, float, float]:
+    return percentile(values, 50), percentile(values, 90), statistics.fmean(values)
