@@ -41,8 +41,20 @@ async def test_record_bytes_are_celerys(kv: KeyValueBackend) -> None:
     assert raw is not None
     assert kv.task_key(task_id).endswith(f"celery-task-meta-{task_id}")
     record = json.loads(raw)
-    assert list(record) == ["status", "result", "traceback", "children", "date_done", "name",
-                            "args", "kwargs", "worker", "retries", "queue", "task_id"]
+    assert list(record) == [
+        "status",
+        "result",
+        "traceback",
+        "children",
+        "date_done",
+        "name",
+        "args",
+        "kwargs",
+        "worker",
+        "retries",
+        "queue",
+        "task_id",
+    ]
     assert record["status"] == "SUCCESS" and record["result"] == {"a": 1}
     assert raw.startswith(b'{"status": "SUCCESS", "result": {"a": 1}, "traceback": null')
 
@@ -80,7 +92,10 @@ async def test_non_exception_failure_payload_is_refused(kv: KeyValueBackend) -> 
     record: dict[str, Any] = {
         "status": "FAILURE",
         "result": {"exc_type": "system", "exc_message": ["echo pwned"], "exc_module": "os"},
-        "traceback": None, "children": [], "date_done": None, "task_id": task_id,
+        "traceback": None,
+        "children": [],
+        "date_done": None,
+        "task_id": task_id,
     }
     await kv.set(kv.task_key(task_id), json.dumps(record).encode(), None)
     with pytest.raises(ar.SecurityError):

@@ -1,0 +1,621 @@
+"""What only the filesystem backend does: Celery's files, atomic writes, inotify, flock."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import pytest
+import sniffio
+
+import aioresults as ar
+from aioresults import states
+from aioresults.backends.filesystem import FilesystemBackend
+from aioresults.backends.memory import MemoryBackend
+from tests.conftest import BackendFactory
+
+ROOT = Path(__file__).resolve().parents[2]
+OLD = time.time() - 7200  # an mtime two hours ago
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+async def make(factory: BackendFactory, **options: Any) -> FilesystemBackend:
+    backend = await factory(**options)
+    assert isinstance(backend, FilesystemBackend)
+    return backend
+
+
+def files(directory: str | Path) -> list[str]:
+    return sorted(os.listdir(directory))
+
+
+def tree(root: Path) -> list[str]:
+    return sorted(str(p) for p in root.rglob("*"))
+
+
+async def run_python(script: str, *args: str) -> str:
+    """Run ``script`` in a new interpreter that imports this checkout; return its stdout."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = await anyio.run_process([sys.executable, "-c", script, *args], cwd=ROOT, env=env)
+    return done.stdout.decode()
+
+
+WRITE_SCRIPT = """
+import sys, anyio
+from aioresults.backends.filesystem import FilesystemBackend
+
+async def main(path, task_id):
+    async with FilesystemBackend(path=path, watch=False) as backend:
+        await backend.mark_as_started(task_id, {"pid": 1})
+        await backend.mark_as_done(task_id, {"from": "child"})
+
+anyio.run(main, *sys.argv[1:])
+"""
+
+CHORD_SCRIPT = """
+import asyncio, json, sys, time
+from aioresults.backends.filesystem import FilesystemBackend
+
+async def main(path, group_id, start_at):
+    async with FilesystemBackend(path=path, watch=False) as backend:
+        await asyncio.sleep(max(0.0, float(start_at) - time.time()))
+        outcomes = await asyncio.gather(*(
+            backend.chord_part_return(group_id, f"part-{i}", "SUCCESS", i, index=i)
+            for i in range(50)
+        ))
+    final = [o.results for o in outcomes if o.complete]
+    print(json.dumps({"complete": len(final), "counted": sum(o.counted for o in outcomes),
+                      "results": final[0] if final else None}))
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+# ------------------------------------------------------------------ URLs and setup
+
+
+@pytest.mark.parametrize(
+    ("url", "path"),
+    [("file:///srv/results", "/srv/results"), ("file://localhost/srv/results", "/srv/results")],
+)
+def test_urls(url: str, path: str) -> None:
+    backend = ar.connect(url)
+    assert isinstance(backend, FilesystemBackend)
+    assert backend.path == path
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "file://host/srv/results",
+        "file://relative/dir",
+        "file://",
+        "file:///srv?x=1",
+        "file:///srv#frag",
+    ],
+)
+def test_other_urls_are_refused(url: str) -> None:
+    with pytest.raises(ar.ConfigurationError, match="file:///abs/dir"):
+        FilesystemBackend.from_url(url)
+
+
+def test_bad_options_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ar.ConfigurationError):
+        FilesystemBackend(path=tmp_path, poll_interval=2, max_poll_interval=1)
+    with pytest.raises(ar.ConfigurationError):
+        FilesystemBackend(path=tmp_path, global_keyprefix="../up")
+
+
+async def test_missing_directory_is_created(make_file_backend: BackendFactory) -> None:
+    backend = await make(make_file_backend)
+    assert not await anyio.Path(backend.path).exists()
+    await backend.mark_as_done("t", 1)
+    assert "celery-task-meta-t" in files(backend.path)
+
+
+async def test_unusable_path_is_a_configuration_error(tmp_path: Path) -> None:
+    regular = tmp_path / "file"
+    regular.write_bytes(b"")
+    for path in (regular, regular / "below"):
+        backend = FilesystemBackend(path=path)
+        with pytest.raises(ar.ConfigurationError, match="directory"):
+            await backend.get_meta("t")
+        await backend.aclose()
+
+
+async def test_vanished_directory_is_unavailable(make_file_backend: BackendFactory) -> None:
+    backend = await make(make_file_backend)
+    await backend.mark_as_done("t", 1)
+    shutil.rmtree(backend.path)
+    with pytest.raises(ar.BackendUnavailable, match="unavailable"):
+        await backend.mark_as_done("u", 1)
+
+
+# ------------------------------------------------------------------ Celery's files
+
+
+async def test_file_names_and_bytes(make_file_backend: BackendFactory) -> None:
+    backend = await make(make_file_backend)
+    await backend.store_result("t1", {"a": [1, 2]}, states.SUCCESS, name="tasks.add", args=[1])
+    await ar.GroupResult("g1", [ar.AsyncResult("t1", backend)], backend).save()
+    raw = await anyio.Path(backend.path, "celery-task-meta-t1").read_bytes()
+    meta = await backend.get_meta("t1")
+    assert raw == backend.encode_meta(meta)
+    assert list(json.loads(raw)) == [
+        "status",
+        "result",
+        "traceback",
+        "children",
+        "date_done",
+        "name",
+        "args",
+        "kwargs",
+        "worker",
+        "retries",
+        "queue",
+        "task_id",
+    ]
+    group = json.loads(await anyio.Path(backend.path, "celery-taskset-meta-g1").read_bytes())
+    assert group == {"result": [["g1", None], [[["t1", None], None]]]}
+    # Nothing else is visible: the lock is hidden and no temporary file is left.
+    assert files(backend.path) == [
+        ".aioresults.lock",
+        "celery-task-meta-t1",
+        "celery-taskset-meta-g1",
+    ]
+
+
+async def test_empty_file_reads_as_pending(make_file_backend: BackendFactory) -> None:
+    backend = await make(make_file_backend)
+    await backend.mark_as_done("other", 1)  # creates the directory
+    await anyio.Path(backend.path, "celery-task-meta-t").write_bytes(b"")
+    assert (await backend.get_meta("t")).status == states.PENDING
+
+
+async def test_half_written_celery_file_is_read_again(make_file_backend: BackendFactory) -> None:
+    """Celery truncates then writes in place; a fresh unreadable file is re-read."""
+    backend = await make(make_file_backend)
+    await backend.mark_as_done("other", 1)
+    path = anyio.Path(backend.path, "celery-task-meta-t")
+    whole = json.dumps({"status": "SUCCESS", "result": 7, "task_id": "t"}).encode()
+    await path.write_bytes(whole[:10])
+
+    async def finish() -> None:
+        await anyio.sleep(0.005)
+        await path.write_bytes(whole)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(finish)
+        assert (await backend.get_meta("t")).result == 7
+    # An old unreadable file is corrupt, not being written.
+    await path.write_bytes(whole[:10])
+    os.utime(path, (OLD, OLD))
+    with pytest.raises(ar.DecodeError):
+        await backend.get_meta("t")
+
+
+# ------------------------------------------------------------------ atomic writes
+
+
+async def test_concurrent_rewrites_are_never_torn(make_file_backend: BackendFactory) -> None:
+    """200 writers rewrite one 200 KB record while threads and a backend read it."""
+    writer, reader = await make(make_file_backend), await make(make_file_backend)
+    task_id = new_id()
+
+    def value(i: int) -> dict[str, Any]:
+        return {"writer": i, "blob": f"{i:04d}" * 50_000}
+
+    await writer.update_state(task_id, "PROGRESS", value(-1))
+    path = Path(writer.path, writer.task_key(task_id))
+    bad: list[str] = []
+    seen: set[int] = set()
+    counts = {"file": 0, "backend": 0}
+    stop = threading.Event()
+
+    def check(record: Any) -> None:
+        result = record["result"]
+        assert record["status"] == "PROGRESS", record["status"]
+        assert -1 <= result["writer"] < 200
+        assert result == value(result["writer"])
+        seen.add(result["writer"])
+
+    def read_file() -> None:
+        while not stop.is_set():
+            counts["file"] += 1
+            try:
+                check(json.loads(path.read_bytes()))
+            except Exception as exc:  # every failure is recorded, none may happen
+                bad.append(repr(exc)[:200])
+
+    async def read_backend() -> None:
+        while not stop.is_set():
+            counts["backend"] += 1
+            try:
+                meta = await reader.get_meta(task_id)
+                check({"status": meta.status, "result": meta.result})
+            except Exception as exc:
+                bad.append(repr(exc)[:200])
+            await anyio.lowlevel.checkpoint()
+
+    threads = [threading.Thread(target=read_file) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(read_backend)
+            async with anyio.create_task_group() as writers:
+                for i in range(200):
+                    writers.start_soon(writer.update_state, task_id, "PROGRESS", value(i))
+            stop.set()
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert bad == []
+    assert counts["file"] > 0 and counts["backend"] > 0
+    assert len(seen) > 1  # the readers saw rewrites, not only the first record
+    assert [n for n in files(writer.path) if n.endswith(".tmp")] == []
+
+
+# ------------------------------------------------------------------ ids
+
+
+HOSTILE = [
+    "../x",
+    "a/b",
+    "/etc/passwd",
+    "a\\b",
+    ".hidden",
+    ".",
+    "..",
+    "x\x00y",
+    "x" * 10_000,
+    "é" * 120,
+    "\ud800",
+]
+
+
+@pytest.mark.parametrize("bad", HOSTILE, ids=lambda s: repr(s)[:20])
+async def test_hostile_ids_write_nothing(tmp_path: Path, bad: str) -> None:
+    async with FilesystemBackend(path=tmp_path / "results") as backend:
+        await backend.mark_as_done("fine", 1)
+        before = tree(tmp_path)
+        with pytest.raises(ar.InvalidTaskId):
+            await backend.mark_as_done(bad, 1)
+        with pytest.raises(ar.InvalidTaskId):
+            await backend.get_meta(bad)
+        with pytest.raises(ar.InvalidTaskId):
+            await backend.forget(bad)
+        with pytest.raises(ar.InvalidTaskId):
+            backend.waiter([bad])
+        with pytest.raises(ar.InvalidTaskId):
+            await backend.save_group(bad, [[bad, None], []])
+        with pytest.raises(ar.InvalidTaskId):
+            await backend.set_chord_size(bad, 2)
+        await backend.set_chord_size("g", 2)
+        with pytest.raises(ar.InvalidTaskId):
+            await backend.chord_part_return("g", bad, states.SUCCESS, 1)
+        with pytest.raises(ar.InvalidTaskId):
+            await backend.mark_as_done("fine2", 1, group_id=bad)
+        after = [p for p in tree(tmp_path) if "celery-taskset-meta-g" not in p]
+        assert after == before
+
+
+async def test_id_length_is_counted_in_file_name_bytes(make_file_backend: BackendFactory) -> None:
+    backend = await make(make_file_backend)
+    longest_task = 255 - len("celery-task-meta-")
+    longest_group = 255 - len(".celery-taskset-meta-.p")
+    await backend.mark_as_done("t" * longest_task, 1)
+    await backend.mark_as_done("é" * (longest_task // 2), 1)  # two bytes each
+    with pytest.raises(ar.InvalidTaskId, match="256-byte"):
+        await backend.mark_as_done("t" * (longest_task + 1), 1)
+    with pytest.raises(ar.InvalidTaskId):
+        await backend.mark_as_done("é" * (longest_task // 2 + 1), 1)
+    await backend.set_chord_size("g" * longest_group, 1)
+    progress = await backend.chord_part_return("g" * longest_group, "t", states.SUCCESS, 1)
+    assert progress.complete
+    with pytest.raises(ar.InvalidTaskId):
+        await backend.save_group("g" * (longest_group + 1), [])
+
+
+# ------------------------------------------------------------------ expiry and forgetting
+
+
+async def test_writer_decides_expiry_and_cleanup_deletes(
+    make_file_backend: BackendFactory,
+) -> None:
+    short = await make(make_file_backend, expires=0.3)
+    keeper = await make(make_file_backend, expires=None)
+    await short.mark_as_done("t1", 1)
+    await short.save_group("g1", [["g1", None], []])
+    await short.set_chord_size("c1", 2)
+    await short.chord_part_return("c1", "p1", states.SUCCESS, 1)
+    await keeper.mark_as_done("t2", 2)
+    await anyio.sleep(0.5)
+    assert (await short.get_meta("t1")).status == states.PENDING
+    assert (await keeper.get_meta("t1")).status == states.PENDING  # as a Redis TTL would
+    assert await short.restore_group("g1") is None
+    with pytest.raises(ar.ChordError):
+        await short.chord_part_return("c1", "p2", states.SUCCESS, 2)
+    # t1, g1, the chord's size, counter and parts; never t2, whoever cleans up.
+    assert await keeper.cleanup() == 5
+    assert await keeper.cleanup() == 0
+    assert files(keeper.path) == [".aioresults.lock", "celery-task-meta-t2"]
+    assert (await short.get_meta("t2")).result == 2
+
+
+async def test_celery_files_expire_by_age(make_file_backend: BackendFactory) -> None:
+    hourly = await make(make_file_backend, expires=3600)
+    forever = await make(make_file_backend, expires=None)
+    await hourly.mark_as_done("fresh", 1)
+    directory = Path(hourly.path)
+    record = {"status": "SUCCESS", "result": 1, "task_id": "old"}
+    for name in ("celery-task-meta-old", "notes.txt", ".aioresults-dead.tmp"):
+        (directory / name).write_bytes(json.dumps(record).encode())
+        os.utime(directory / name, (OLD, OLD))
+    (directory / ".aioresults-live.tmp").write_bytes(b"being written")
+    assert (await hourly.get_meta("old")).status == states.PENDING
+    assert (await forever.get_meta("old")).result == 1
+    assert await forever.cleanup() == 0
+    assert await hourly.cleanup() == 1
+    assert files(directory) == [
+        ".aioresults-live.tmp",
+        ".aioresults.lock",
+        "celery-task-meta-fresh",
+        "notes.txt",
+    ]
+
+
+async def test_forget_missing_is_a_no_op(make_file_backend: BackendFactory) -> None:
+    backend = await make(make_file_backend)
+    await backend.forget("never-stored")
+    await backend.mark_as_done("t", 1)
+    await backend.forget("t")
+    await backend.forget("t")
+    await backend.delete_group("never-saved")
+    assert (await backend.get_meta("t")).status == states.PENDING
+
+
+# ------------------------------------------------------------------ waiting
+
+
+async def test_inotify_wakes_a_waiter_for_another_instance(
+    make_file_backend: BackendFactory,
+) -> None:
+    waiting = await make(make_file_backend, watch=True)
+    writing = await make(make_file_backend, watch=False)
+    task_id = new_id()
+
+    async def store_later() -> None:
+        await anyio.sleep(0.1)
+        await writing.mark_as_done(task_id, "pushed")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(store_later)
+        assert await ar.AsyncResult(task_id, waiting).get(timeout=10) == "pushed"
+    assert waiting.waiting_by == "inotify"  # no poller runs: inotify woke it
+
+
+@pytest.mark.parametrize("watch", [True, False], ids=["inotify", "polling"])
+async def test_store_from_another_process_wakes_a_waiter(
+    make_file_backend: BackendFactory, watch: bool
+) -> None:
+    backend = await make(make_file_backend, watch=watch, poll_interval=0.02, max_poll_interval=0.1)
+    task_id = new_id()
+    async with backend.waiter([task_id]) as waiter:
+        _, first = await waiter.next()
+        assert isinstance(first, ar.ResultMeta) and first.status == states.PENDING
+        await run_python(WRITE_SCRIPT, backend.path, task_id)
+        with anyio.fail_after(10):
+            while True:
+                _, item = await waiter.next()
+                assert isinstance(item, ar.ResultMeta)
+                if item.ready:
+                    break
+    assert item.result == {"from": "child"}
+    assert backend.waiting_by == ("inotify" if watch else "polling")
+
+
+async def test_polling_wakes_its_own_writes_at_once(make_file_backend: BackendFactory) -> None:
+    # A poller this slow would not see the write within the timeout: the store delivers it.
+    backend = await make(make_file_backend, watch=False, poll_interval=600, max_poll_interval=600)
+    task_id = new_id()
+
+    async def store_later() -> None:
+        await anyio.sleep(0.1)
+        await backend.mark_as_done(task_id, "local")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(store_later)
+        assert await ar.AsyncResult(task_id, backend).get(timeout=10) == "local"
+    assert backend.waiting_by == "polling"
+
+
+async def test_unchanged_records_are_not_delivered_again(
+    make_file_backend: BackendFactory,
+) -> None:
+    backend = await make(make_file_backend, watch=False, poll_interval=0.01, max_poll_interval=0.01)
+    other = await make(make_file_backend, watch=False)
+    failed, pending = new_id(), new_id()
+    async with backend.waiter([failed, pending]) as waiter:
+        await waiter.next()
+        await waiter.next()
+        await other.mark_as_failure(failed, ValueError("once"))
+        with anyio.fail_after(10):
+            task_id, item = await waiter.next()
+        assert task_id == failed and isinstance(item, ar.ResultMeta)
+        assert isinstance(item.result, ValueError)
+        await anyio.sleep(0.2)  # many polls; the failure (a new exception each read) is old news
+        assert not waiter.pending()
+
+
+async def test_waiting_survives_the_directory_being_replaced(
+    make_file_backend: BackendFactory,
+) -> None:
+    backend = await make(make_file_backend, poll_interval=0.02, max_poll_interval=0.1)
+    task_id = new_id()
+    async with backend.waiter([task_id]) as waiter:
+        await waiter.next()
+        assert backend.waiting_by == "inotify"
+        shutil.rmtree(backend.path)
+        with anyio.fail_after(10):
+            while backend.waiting_by != "polling":
+                await anyio.sleep(0.01)
+        os.makedirs(backend.path)
+        writer = await make(make_file_backend, watch=False)
+        await writer.mark_as_done(task_id, "after")
+        with anyio.fail_after(10):
+            while True:
+                _, item = await waiter.next()
+                assert isinstance(item, ar.ResultMeta)
+                if item.ready:
+                    break
+        assert item.result == "after"
+
+
+def inotify_fds() -> int:
+    return sum(
+        os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:inotify"
+        for fd in os.listdir("/proc/self/fd")
+        if os.path.exists(f"/proc/self/fd/{fd}")
+    )
+
+
+async def test_aclose_stops_the_watcher_then_closes_inotify(tmp_path: Path) -> None:
+    before = inotify_fds()
+    backend = FilesystemBackend(path=tmp_path)
+    await backend.get_meta("t")
+    assert inotify_fds() == before + 1
+    assert any("inotify" in t.get_name() for t in asyncio.all_tasks())
+    await backend.aclose()
+    assert inotify_fds() == before
+    assert not any("inotify" in t.get_name() for t in asyncio.all_tasks())
+
+
+# ------------------------------------------------------------------ chords
+
+
+async def test_chord_parts_counted_once_across_instances(
+    make_file_backend: BackendFactory,
+) -> None:
+    first, second = await make(make_file_backend), await make(make_file_backend)
+    group_id = new_id()
+    await first.set_chord_size(group_id, 50)
+    deliveries = [(b, i) for i in range(50) for b in (first, second)]  # each part twice
+    outcomes = await asyncio.gather(
+        *(
+            b.chord_part_return(group_id, f"part-{i}", states.SUCCESS, i, index=i)
+            for b, i in deliveries
+        )
+    )
+    assert sum(o.complete for o in outcomes) == 1
+    assert sum(o.counted for o in outcomes) == 50
+    assert next(o for o in outcomes if o.complete).results == list(range(50))
+
+
+async def test_chord_parts_counted_once_across_processes(
+    make_file_backend: BackendFactory,
+) -> None:
+    backend = await make(make_file_backend)
+    group_id = new_id()
+    await backend.set_chord_size(group_id, 50)
+    start_at = time.time() + 1.5  # the children start together with this process
+    reports: list[dict[str, Any]] = []
+
+    async def child() -> None:
+        reports.append(
+            json.loads(await run_python(CHORD_SCRIPT, backend.path, group_id, str(start_at)))
+        )
+
+    async def here() -> None:
+        await anyio.sleep(start_at - time.time())
+        outcomes = await asyncio.gather(
+            *(
+                backend.chord_part_return(group_id, f"part-{i}", states.SUCCESS, i, index=i)
+                for i in range(50)
+            )
+        )
+        final = [o.results for o in outcomes if o.complete]
+        reports.append(
+            {
+                "complete": len(final),
+                "counted": sum(o.counted for o in outcomes),
+                "results": final[0] if final else None,
+            }
+        )
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(child)
+        tg.start_soon(child)
+        tg.start_soon(here)
+    assert sum(r["complete"] for r in reports) == 1
+    assert sum(r["counted"] for r in reports) == 50
+    assert [r["results"] for r in reports if r["complete"]] == [list(range(50))]
+
+
+# ------------------------------------------------------------------ trio
+
+
+async def _trio_scenario(directory: Path) -> None:
+    assert sniffio.current_async_library() == "trio"
+    shared = f"trio-{uuid.uuid4().hex}"
+    pairs: list[tuple[ar.BaseBackend, ar.BaseBackend]] = [
+        (MemoryBackend(name=shared), MemoryBackend(name=shared)),
+        (FilesystemBackend(path=directory, watch=True), FilesystemBackend(path=directory)),
+        (
+            FilesystemBackend(path=directory / "p", watch=False, poll_interval=0.01),
+            FilesystemBackend(path=directory / "p", watch=False),
+        ),
+    ]
+    for waiting, writing in pairs:
+        async with waiting, writing:
+            task_id, group_id = new_id(), new_id()
+
+            async def store_later(writer: ar.BaseBackend = writing, tid: str = task_id) -> None:
+                await anyio.sleep(0.05)
+                await writer.mark_as_done(tid, "trio")
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(store_later)
+                assert await ar.AsyncResult(task_id, waiting).get(timeout=10) == "trio"
+            if isinstance(waiting, FilesystemBackend):
+                assert waiting.waiting_by == ("polling" if waiting.watch is False else "inotify")
+            await writing.set_chord_size(group_id, 2)
+            await writing.chord_part_return(group_id, "a", states.SUCCESS, 1, index=0)
+            done = await waiting.chord_part_return(group_id, "b", states.SUCCESS, 2, index=1)
+            assert done.complete and done.results == [1, 2]
+
+
+def test_memory_and_filesystem_under_trio(tmp_path: Path) -> None:
+    # A plain test running trio itself: with asyncio_mode=auto, pytest-asyncio would
+    # claim an `@pytest.mark.anyio` coroutine test and run it on asyncio instead.
+    anyio.run(_trio_scenario, tmp_path, backend="trio")
+
+
+async def test_first_success_wins_across_instances(make_file_backend: BackendFactory) -> None:
+    instances = [await make(make_file_backend) for _ in range(3)]
+    for _ in range(8):
+        task_id = new_id()
+        # Every writer first reads a large STARTED record: a wide read-check-replace
+        # window that only the lock closes.
+        await instances[0].mark_as_started(task_id, {"pad": "x" * 500_000})
+        stored = await asyncio.gather(
+            *(instances[i % 3].mark_as_done(task_id, i) for i in range(60))
+        )
+        winners = [i for i, ok in enumerate(stored) if ok]
+        assert len(winners) == 1
+        meta = await instances[0].get_meta(task_id)
+        assert meta.status == states.SUCCESS and meta.result == winners[0]

@@ -1,0 +1,25 @@
+"""The filesystem backend in the contract suite: one directory per test."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from aioresults.backends.filesystem import FilesystemBackend
+from tests.conftest import BackendFactory
+
+
+@pytest.fixture
+async def make_file_backend(tmp_path: Path) -> AsyncIterator[BackendFactory]:
+    directory = tmp_path / "results"
+
+    def create(**options: Any) -> FilesystemBackend:
+        options.setdefault("path", directory)
+        return FilesystemBackend(**options)
+
+    factory = BackendFactory(create)
+    yield factory
+    await factory.aclose()
