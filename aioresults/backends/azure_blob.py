@@ -301,7 +301,9 @@ class AzureBlockBlobBackend(KeyValueBackend):
                         self._connection_string, **options
                     )
                 except ValueError as exc:
-                    raise ConfigurationError(f"invalid connection string: {exc}") from None
+                    raise ConfigurationError(
+                        f"invalid connection string: {redact_url(str(exc))}"
+                    ) from None
             else:
                 credential = self._credential
                 if credential in _CREDENTIAL_NAMES:
@@ -318,21 +320,22 @@ class AzureBlockBlobBackend(KeyValueBackend):
         self._spawn(self._poll, name=f"{type(self).__name__} poller")
 
     async def _ensure_container(self) -> None:
-        if self.create_container:
-            try:
-                await self._call(self._container.create_container)
-                return
-            except ResourceExistsError:
-                return
-            except HttpResponseError as exc:
-                # A SAS scoped to the container may not create one: it is there, then.
-                if exc.status_code != 403 or "Mismatch" not in str(getattr(exc, "error_code", "")):
-                    raise
-        if not await self._call(self._container.exists):
-            raise BackendError(
-                f"container {self.container_name!r} does not exist at "
-                f"{redact_url(self._service.url)} and create_container is False"
-            )
+        if not self.create_container:
+            if not await self._call(self._container.exists):
+                raise BackendError(
+                    f"container {self.container_name!r} does not exist at "
+                    f"{redact_url(self._service.url)} and create_container is False"
+                )
+            return
+        try:
+            await self._call(self._container.create_container)
+        except ResourceExistsError:
+            pass
+        except HttpResponseError as exc:
+            # Credentials limited to blobs (a SAS, a role) may not create containers;
+            # then the first read or write tells whether it is there.
+            if exc.status_code != 403 or "Mismatch" not in str(getattr(exc, "error_code", "")):
+                raise
 
     async def _close(self) -> None:
         service, self._service, self._container = self._service, None, None
