@@ -15,6 +15,8 @@ request counts and the latency, which the poller's schedule sets, carry over.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import statistics
 import time
 import uuid
@@ -26,7 +28,8 @@ from azure.storage.blob.aio import BlobServiceClient
 import aioresults as ar
 from aioresults import states
 from aioresults.backends.azure_blob import AzureBlockBlobBackend
-from tests.azurite import Azurite
+from benchmarks._common import machine, version, write_section
+from tests.azurite import AZURITE_VERSION, Azurite
 
 CALLS = 300
 WAITERS = 1000
@@ -149,8 +152,22 @@ async def run() -> None:
 
 
 def main() -> None:
-    """Run every measurement and print the results."""
-    asyncio.run(run())
+    """Run every measurement, print the results and write them to docs/benchmarks.md."""
+    captured = io.StringIO()
+    with contextlib.redirect_stdout(captured):
+        asyncio.run(run())
+    body = "\n".join(
+        [
+            "## Azure Block Blob",
+            "",
+            f"Machine: {machine()}. Azurite {AZURITE_VERSION} on loopback, private; "
+            f"azure-storage-blob {version('azure-storage-blob')}. "
+            "Run: `scripts/bench azure`.",
+            captured.getvalue().replace("\n## ", "\n### "),
+        ]
+    )
+    write_section("azure", body)
+    print(body)
 
 
 if __name__ == "__main__":

@@ -390,4 +390,13 @@ class WaiterHub:
             else:
                 interval = min(interval * 2, max_interval)
             seen = self._registrations
-            await anyio.sleep(interval)
+            # A waiter arriving during a long pause cuts it short: its result
+            # may be stored right after its first read.
+            self._watched_event = arrived = anyio.Event()
+            try:
+                with anyio.move_on_after(interval):
+                    await arrived.wait()
+            finally:
+                self._watched_event = None
+            if arrived.is_set():
+                await anyio.sleep(min_interval)
