@@ -8,14 +8,18 @@ parent ids, chord counters) lives in tables of its own, ``aioresults_*``,
 which Celery never looks at. ``aioresults_schema`` records the layout's
 version; a file with a newer or foreign layout is refused, never altered.
 
-Writes go through one writer connection in WAL mode. Concurrent writes are
-queued and committed together, many per ``BEGIN IMMEDIATE`` transaction
-(group commit), each caller still getting its own answer. Reads use a
-connection of their own. Waiters in this process wake as soon as a commit
-lands; waiters in other processes wake through inotify on the file's
-directory and then re-read only the ids they wait for, so a process that waits
-while nothing changes does no work at all. Without inotify (not Linux), the
-waiter hub polls instead.
+Writes go through one writer connection in WAL mode: a plain :mod:`sqlite3`
+connection that lives in a thread of its own and is only ever used there.
+Concurrent writes are queued and committed together, many per ``BEGIN
+IMMEDIATE`` transaction (group commit), each caller still getting its own
+answer. A whole transaction (for a batch of writes: the read that keeps a
+SUCCESS from being overwritten, the upserts and the commit) runs in that
+thread as one call, so it costs one hand-off from the event loop, not one per
+statement. Reads use an aiosqlite connection of their own. Waiters in this
+process wake as soon as a commit lands; waiters in other processes wake
+through inotify on the file's directory and then re-read only the ids they
+wait for, so a process that waits while nothing changes does no work at all.
+Without inotify (not Linux), the waiter hub polls instead.
 
 URLs: ``sqlite:///relative/path.db``, ``sqlite:////absolute/path.db``, and
 Celery's ``db+sqlite:///...``. ``:memory:`` is refused: an in-memory database
@@ -26,6 +30,7 @@ shared between processes). Options may also be given in the query string:
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 import os
@@ -33,9 +38,11 @@ import sqlite3
 import time
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager
-from typing import Any, ClassVar
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from functools import partial
+from typing import Any, ClassVar, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import anyio
@@ -68,6 +75,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 __all__ = ["SCHEMA_VERSION", "SQLiteBackend"]
 
 logger = logging.getLogger("aioresults.backends")
+_T = TypeVar("_T")
 
 #: The layout of the ``aioresults_*`` tables this version reads and writes.
 SCHEMA_VERSION = 1
@@ -193,6 +201,36 @@ def _marks(n: int) -> str:
     return ", ".join("?" * n)
 
 
+def _run_transaction(conn: sqlite3.Connection, work: Callable[[sqlite3.Connection], _T]) -> _T:
+    """``work(conn)`` between ``BEGIN IMMEDIATE`` and ``COMMIT``; rolled back if it raises.
+
+    Runs in the writer's thread. BEGIN IMMEDIATE takes the write lock first, so
+    what ``work`` reads stays true until the commit (the busy handler waits for
+    the lock up to the connection's timeout).
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        result = work(conn)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:  # the original error is the one to report
+                pass
+        raise
+    return result
+
+
+def _is_unique(conn: sqlite3.Connection, table: str, column: str) -> bool:
+    for index in conn.execute(f"PRAGMA index_list({table})").fetchall():
+        if index[2]:
+            info = conn.execute(f"PRAGMA index_info('{index[1]}')").fetchall()
+            if [row[2] for row in info] == [column]:
+                return True
+    return False
+
+
 def _format_date(value: dt.datetime) -> str:
     if value.tzinfo is not None:
         value = value.astimezone(dt.UTC).replace(tzinfo=None)
@@ -305,10 +343,11 @@ class SQLiteBackend(BaseBackend):
         self.poll_interval = poll_interval
         self.max_poll_interval = max_poll_interval
         self.stats = {"commits": 0, "writes": 0, "file_events": 0, "refreshes": 0}
-        self._writer: aiosqlite.Connection | None = None
+        # The writer connection is made, used and closed only in the executor's one thread.
+        self._writer: sqlite3.Connection | None = None
+        self._writer_thread: ThreadPoolExecutor | None = None
         self._reader: aiosqlite.Connection | None = None
         self._inotify: _inotify.Inotify | None = None
-        self._write_lock = anyio.Lock()
         self._queue: deque[_Write] = deque()
         self._queued: anyio.Event | None = None
         self._idle: anyio.Event | None = None
@@ -377,9 +416,6 @@ class SQLiteBackend(BaseBackend):
 
     # ------------------------------------------------------------ lifecycle
 
-    async def _connect(self) -> aiosqlite.Connection:
-        return await aiosqlite.connect(self.path, timeout=self.busy_timeout, isolation_level=None)
-
     def _check_path(self) -> None:
         if os.path.isdir(self.path):
             raise ConfigurationError(f"{self.path} is a directory, not a database file")
@@ -396,11 +432,20 @@ class SQLiteBackend(BaseBackend):
         self._check_path()
         try:
             with self._errors("opening the database"):
-                self._writer = await self._connect()
-                await self._use_wal(self._writer)
-                await self._writer.execute(f"PRAGMA synchronous = {self.synchronous}")
-                await self._prepare_schema(self._writer)
-                self._reader = await self._connect()
+                self._writer_thread = ThreadPoolExecutor(1, thread_name_prefix="aioresults-sqlite")
+                self._writer = writer = await self._in_writer_thread(
+                    partial(
+                        sqlite3.connect,
+                        self.path,
+                        timeout=self.busy_timeout,  # the busy handler retries for this long
+                        isolation_level=None,  # autocommit: transactions are ours to begin
+                    )
+                )
+                await self._use_wal(writer)
+                await self._in_writer_thread(self._prepare_writer, writer)
+                self._reader = await aiosqlite.connect(
+                    self.path, timeout=self.busy_timeout, isolation_level=None
+                )
                 await self._reader.execute("PRAGMA query_only = 1")
             self._inotify = self._make_inotify()
         except BaseException:
@@ -419,12 +464,15 @@ class SQLiteBackend(BaseBackend):
                 name=f"sqlite poller {self.path}",
             )
 
-    async def _use_wal(self, conn: aiosqlite.Connection) -> None:
+    async def _use_wal(self, conn: sqlite3.Connection) -> None:
+        def switch(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
+            return [tuple(row) for row in conn.execute("PRAGMA journal_mode = WAL")]
+
         deadline = anyio.current_time() + self.busy_timeout
         delay = 0.001
         while True:
             try:
-                mode = list(await conn.execute_fetchall("PRAGMA journal_mode = WAL"))
+                mode = await self._in_writer_thread(switch, conn)
                 break
             except sqlite3.OperationalError as exc:
                 # The switch needs an exclusive lock, and SQLite answers BUSY at once
@@ -436,7 +484,7 @@ class SQLiteBackend(BaseBackend):
                     raise
                 await anyio.sleep(delay)
                 delay = min(delay * 2, 0.05)
-        if [tuple(row) for row in mode] != [("wal",)]:
+        if mode != [("wal",)]:
             logger.warning(
                 "%s cannot use WAL mode (%s); waits and writes are slower", self.path, mode
             )
@@ -490,30 +538,71 @@ class SQLiteBackend(BaseBackend):
         await self._close_connections()
 
     async def _close_connections(self) -> None:
-        for conn in (self._reader, self._writer):
-            if conn is not None:
-                try:
-                    await conn.close()
-                except Exception as exc:  # closing must not mask the caller's error
-                    logger.warning("closing %s failed: %s", self.path, exc)
-        self._reader = self._writer = None
-
-    # ------------------------------------------------------------ schema
-
-    async def _prepare_schema(self, conn: aiosqlite.Connection) -> None:
-        """Create or check the tables; a foreign or newer layout raises BackendCorrupted."""
-        if not await self._schema_changes(conn):
+        reader, writer, thread = self._reader, self._writer, self._writer_thread
+        self._reader = self._writer = self._writer_thread = None
+        if reader is not None:
+            try:
+                await reader.close()
+            except Exception as exc:  # closing must not mask the caller's error
+                logger.warning("closing %s failed: %s", self.path, exc)
+        if thread is None:
             return
-        async with self._transaction("creating the tables", conn):
-            for statement in await self._schema_changes(conn):
-                await conn.execute(statement)
+        try:
+            if writer is not None:
+                # In its own thread, after whatever that thread is still running.
+                await asyncio.get_running_loop().run_in_executor(thread, writer.close)
+        except Exception as exc:  # closing must not mask the caller's error
+            logger.warning("closing %s failed: %s", self.path, exc)
+        finally:
+            thread.shutdown(wait=False)
 
-    async def _schema_changes(self, conn: aiosqlite.Connection) -> list[str]:
-        rows = await conn.execute_fetchall("SELECT name FROM sqlite_master WHERE type = 'table'")
+    # ------------------------------------------------------------ the writer's thread
+
+    async def _in_writer_thread(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """Run ``fn(*args)`` in the writer's thread: one hand-off there and back.
+
+        The thread runs one call at a time, in order. A caller cancelled before
+        its call started leaves it unrun; one cancelled later stops waiting, and
+        the call still runs to its end (the next starts after it).
+        """
+        thread = self._writer_thread
+        if thread is None:
+            raise BackendError(f"{self!r} is closed")
+        return await asyncio.get_running_loop().run_in_executor(thread, fn, *args)
+
+    async def _transaction(self, doing: str, work: Callable[[sqlite3.Connection], _T]) -> _T:
+        """``work(conn)`` in one ``BEGIN IMMEDIATE`` transaction, all in the writer's thread."""
+        conn = self._writer
+        if conn is None:
+            raise BackendError(f"{self!r} is closed")
+        with self._errors(doing):
+            result = await self._in_writer_thread(partial(_run_transaction, conn, work))
+        self.stats["commits"] += 1
+        return result
+
+    # ------------------------------------------------------------ schema (writer's thread)
+
+    def _prepare_writer(self, conn: sqlite3.Connection) -> None:
+        """Set the writer up, then create or check the tables.
+
+        A foreign or newer layout raises :class:`~aioresults.BackendCorrupted`.
+        """
+        conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+        if not self._schema_changes(conn):
+            return
+
+        def create(conn: sqlite3.Connection) -> None:
+            # Checked again under the write lock: another process may have been first.
+            for statement in self._schema_changes(conn):
+                conn.execute(statement)
+
+        _run_transaction(conn, create)
+
+    def _schema_changes(self, conn: sqlite3.Connection) -> list[str]:
+        rows = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
         tables = {row[0] for row in rows}
         if "aioresults_schema" in tables:
-            found = await conn.execute_fetchall("SELECT max(version) FROM aioresults_schema")
-            version = list(found)[0][0]
+            (version,) = conn.execute("SELECT max(version) FROM aioresults_schema").fetchone()
             if isinstance(version, int) and version > SCHEMA_VERSION:
                 raise BackendCorrupted(
                     f"{self.path} was written by a newer aioresults (schema {version}; this "
@@ -523,13 +612,9 @@ class SQLiteBackend(BaseBackend):
         for table, (required, unique) in _REQUIRED.items():
             if table not in tables:
                 continue
-            columns = {row[1] for row in await conn.execute_fetchall(f"PRAGMA table_info({table})")}
+            columns = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
             missing = set(required.split()) - columns
-            if (
-                not missing
-                and unique is not None
-                and not await self._is_unique(conn, table, unique)
-            ):
+            if not missing and unique is not None and not _is_unique(conn, table, unique):
                 missing = {f"UNIQUE({unique})"}
             if missing:
                 raise BackendCorrupted(
@@ -547,41 +632,6 @@ class SQLiteBackend(BaseBackend):
         if "aioresults_schema" not in tables:
             changes.append(f"INSERT INTO aioresults_schema VALUES ({SCHEMA_VERSION})")
         return changes
-
-    @staticmethod
-    async def _is_unique(conn: aiosqlite.Connection, table: str, column: str) -> bool:
-        for index in await conn.execute_fetchall(f"PRAGMA index_list({table})"):
-            if index[2]:
-                info = await conn.execute_fetchall(f"PRAGMA index_info('{index[1]}')")
-                if [row[2] for row in info] == [column]:
-                    return True
-        return False
-
-    # ------------------------------------------------------------ transactions
-
-    @asynccontextmanager
-    async def _transaction(
-        self, doing: str, conn: aiosqlite.Connection | None = None
-    ) -> AsyncIterator[aiosqlite.Connection]:
-        """One ``BEGIN IMMEDIATE`` transaction on the writer, committed on success."""
-        async with self._write_lock:
-            if conn is None:
-                conn = self._writer
-            if conn is None:
-                raise BackendError(f"{self!r} is closed")
-            with self._errors(doing):
-                await conn.execute("BEGIN IMMEDIATE")
-                try:
-                    yield conn
-                    await conn.execute("COMMIT")
-                except BaseException:
-                    with anyio.CancelScope(shield=True):
-                        try:
-                            await conn.execute("ROLLBACK")
-                        except sqlite3.Error:  # nothing to roll back
-                            pass
-                    raise
-            self.stats["commits"] += 1
 
     # ------------------------------------------------------------ writing results
 
@@ -669,7 +719,22 @@ class SQLiteBackend(BaseBackend):
 
     async def _commit(self, batch: list[_Write]) -> None:
         try:
-            await self._commit_batch(batch)
+            await self._commit_or_split(batch)
+        finally:
+            # Cancelled mid-commit (the backend or the event loop is closing): the
+            # writer's thread may still commit, but the callers must not wait forever.
+            for write in batch:
+                if not write.done.is_set():
+                    write.fail(
+                        BackendError(
+                            f"{self!r} was closed while committing the write; "
+                            "it may or may not have been stored"
+                        )
+                    )
+
+    async def _commit_or_split(self, batch: list[_Write]) -> None:
+        try:
+            written = await self._transaction("storing results", partial(self._store_batch, batch))
         except BackendError as exc:
             if len(batch) == 1 or isinstance(exc, (BackendUnavailable, BackendCorrupted)):
                 for write in batch:
@@ -677,48 +742,56 @@ class SQLiteBackend(BaseBackend):
                 return
             # A failure that may be one record's: commit each alone, so only its caller fails.
             for write in batch:
-                await self._commit([write])
+                await self._commit_or_split([write])
             return
         except Exception as exc:  # a bug must reach the callers, not hang them
             for write in batch:
                 write.fail(exc)
             return
-        for write in batch:
+        self.stats["writes"] += sum(written)
+        for write, stored in zip(batch, written, strict=True):
+            write.written = stored
             write.done.set()
         await self._wake_local([w.task_id for w in batch if w.written])
 
-    async def _commit_batch(self, batch: list[_Write]) -> None:
-        async with self._transaction("storing results") as conn:
-            ids = list(dict.fromkeys(w.task_id for w in batch))
-            protected: set[str] = set()
-            replaceable: set[str] = set()
-            now = time.time()
-            for chunk in _chunks(ids):
-                rows = await conn.execute_fetchall(
-                    "SELECT t.task_id, t.date_done, m.task_id IS NOT NULL, m.expires_at "
-                    "FROM celery_taskmeta AS t LEFT JOIN aioresults_meta AS m "
-                    "ON m.task_id = t.task_id "
-                    f"WHERE t.status = 'SUCCESS' AND t.task_id IN ({_marks(len(chunk))})",
-                    chunk,
-                )
-                for task_id, date_done, has_meta, expires_at in rows:
-                    expired = self._expired(has_meta, expires_at, date_done, now)
-                    (replaceable if expired else protected).add(task_id)
-            rows_to_write: list[dict[str, Any]] = []
-            meta_rows: list[tuple[Any, ...]] = []
-            for write in batch:
-                write.written = False  # this may be a retry of a failed batch
-                if write.task_id in protected:
-                    continue
-                write.written = True
-                rows_to_write.append({**write.row, "replace": write.task_id in replaceable})
-                meta_rows.append(write.meta_row)
-                if write.status == states.SUCCESS:
-                    protected.add(write.task_id)
-            if rows_to_write:
-                await conn.executemany(_UPSERT_TASK, rows_to_write)
-                await conn.executemany(_UPSERT_META, meta_rows)
-        self.stats["writes"] += len(rows_to_write)
+    def _store_batch(self, batch: list[_Write], conn: sqlite3.Connection) -> list[bool]:
+        """Write a batch in the current transaction (writer's thread); which were written.
+
+        A SUCCESS already stored, and not expired, is never overwritten; neither is
+        one written earlier in the same batch. The write lock is held since
+        ``BEGIN IMMEDIATE``, so no other connection can store one in between.
+        """
+        ids = list(dict.fromkeys(w.task_id for w in batch))
+        protected: set[str] = set()
+        replaceable: set[str] = set()
+        now = time.time()  # after BEGIN IMMEDIATE, which may have waited for the lock
+        for chunk in _chunks(ids):
+            rows = conn.execute(
+                "SELECT t.task_id, t.date_done, m.task_id IS NOT NULL, m.expires_at "
+                "FROM celery_taskmeta AS t LEFT JOIN aioresults_meta AS m "
+                "ON m.task_id = t.task_id "
+                f"WHERE t.status = 'SUCCESS' AND t.task_id IN ({_marks(len(chunk))})",
+                chunk,
+            )
+            for task_id, date_done, has_meta, expires_at in rows:
+                expired = self._expired(has_meta, expires_at, date_done, now)
+                (replaceable if expired else protected).add(task_id)
+        written: list[bool] = []
+        rows_to_write: list[dict[str, Any]] = []
+        meta_rows: list[tuple[Any, ...]] = []
+        for write in batch:
+            if write.task_id in protected:
+                written.append(False)
+                continue
+            written.append(True)
+            rows_to_write.append({**write.row, "replace": write.task_id in replaceable})
+            meta_rows.append(write.meta_row)
+            if write.status == states.SUCCESS:
+                protected.add(write.task_id)
+        if rows_to_write:
+            conn.executemany(_UPSERT_TASK, rows_to_write)
+            conn.executemany(_UPSERT_META, meta_rows)
+        return written
 
     def _fail_queued(self, exc: BackendError) -> None:
         while self._queue:
@@ -820,9 +893,11 @@ class SQLiteBackend(BaseBackend):
             return DecodeError(f"cannot decode the result of {task_id!r}: {exc}")
 
     async def _forget(self, task_id: str) -> None:
-        async with self._transaction("forgetting a result") as conn:
-            await conn.execute("DELETE FROM celery_taskmeta WHERE task_id = ?", (task_id,))
-            await conn.execute("DELETE FROM aioresults_meta WHERE task_id = ?", (task_id,))
+        def forget(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM celery_taskmeta WHERE task_id = ?", (task_id,))
+            conn.execute("DELETE FROM aioresults_meta WHERE task_id = ?", (task_id,))
+
+        await self._transaction("forgetting a result", forget)
 
     # ------------------------------------------------------------ groups
 
@@ -831,16 +906,19 @@ class SQLiteBackend(BaseBackend):
         payload = self.codec.encode(group)
         expires_at = None if self.expires is None else time.time() + self.expires
         now = _format_date(dt.datetime.now(dt.UTC))
-        async with self._transaction("saving a group") as conn:
-            await conn.execute(
+
+        def save(conn: sqlite3.Connection) -> None:
+            conn.execute(
                 "INSERT INTO celery_tasksetmeta (taskset_id, result, date_done) VALUES (?, ?, ?) "
                 "ON CONFLICT (taskset_id) DO UPDATE SET result = excluded.result, "
                 "date_done = excluded.date_done",
                 (group_id, payload, now),
             )
-            await conn.execute(
+            conn.execute(
                 "INSERT OR REPLACE INTO aioresults_group VALUES (?, ?)", (group_id, expires_at)
             )
+
+        await self._transaction("saving a group", save)
 
     async def _restore_group(self, group_id: str) -> list[Any] | None:
         if self._reader is None:
@@ -867,49 +945,51 @@ class SQLiteBackend(BaseBackend):
         return data
 
     async def _delete_group(self, group_id: str) -> None:
-        async with self._transaction("deleting a group") as conn:
-            await conn.execute("DELETE FROM celery_tasksetmeta WHERE taskset_id = ?", (group_id,))
-            await conn.execute("DELETE FROM aioresults_group WHERE group_id = ?", (group_id,))
+        def delete(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM celery_tasksetmeta WHERE taskset_id = ?", (group_id,))
+            conn.execute("DELETE FROM aioresults_group WHERE group_id = ?", (group_id,))
+
+        await self._transaction("deleting a group", delete)
 
     # ------------------------------------------------------------ chords
 
     async def _chord_init(self, group_id: str, size: int) -> None:
         expires_at = None if self.chord_expires is None else time.time() + self.chord_expires
-        async with self._transaction("starting a chord") as conn:
-            await conn.execute("DELETE FROM aioresults_chord_part WHERE group_id = ?", (group_id,))
-            await conn.execute(
+
+        def init(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM aioresults_chord_part WHERE group_id = ?", (group_id,))
+            conn.execute(
                 "INSERT OR REPLACE INTO aioresults_chord VALUES (?, ?, 0, ?)",
                 (group_id, size, expires_at),
             )
+
+        await self._transaction("starting a chord", init)
 
     async def _chord_count_part(
         self, group_id: str, field: str, payload: bytes
     ) -> tuple[int, int] | None:
         # The size check, the deduplicating insert and the increment are one
         # transaction under the database's write lock: safe across processes.
-        async with self._transaction("counting a chord part") as conn:
-            rows = list(
-                await conn.execute_fetchall(
-                    "SELECT size, expires_at FROM aioresults_chord WHERE group_id = ?", (group_id,)
-                )
-            )
-            if not rows or (rows[0][1] is not None and rows[0][1] <= time.time()):
+        def count(conn: sqlite3.Connection) -> tuple[int, int] | None:
+            row = conn.execute(
+                "SELECT size, expires_at FROM aioresults_chord WHERE group_id = ?", (group_id,)
+            ).fetchone()
+            if row is None or (row[1] is not None and row[1] <= time.time()):
                 return None
-            size = int(rows[0][0])
-            cursor = await conn.execute(
+            size = int(row[0])
+            cursor = conn.execute(
                 "INSERT OR IGNORE INTO aioresults_chord_part VALUES (?, ?, ?)",
                 (group_id, field, payload),
             )
             if cursor.rowcount == 0:
                 return 0, size
-            counted = list(
-                await conn.execute_fetchall(
-                    "UPDATE aioresults_chord SET count = count + 1 WHERE group_id = ? "
-                    "RETURNING count",
-                    (group_id,),
-                )
-            )
-            return int(counted[0][0]), size
+            (counted,) = conn.execute(
+                "UPDATE aioresults_chord SET count = count + 1 WHERE group_id = ? RETURNING count",
+                (group_id,),
+            ).fetchone()
+            return int(counted), size
+
+        return await self._transaction("counting a chord part", count)
 
     async def _chord_parts(self, group_id: str) -> list[bytes]:
         if self._reader is None:
@@ -929,13 +1009,14 @@ class SQLiteBackend(BaseBackend):
         if self.expires is not None:
             cutoff = _format_date(dt.datetime.fromtimestamp(now - self.expires, dt.UTC))
         params = {"now": now, "cutoff": cutoff}
-        deleted = 0
-        async with self._transaction("deleting expired results") as conn:
-            for sql in _CLEANUP_COUNTED:
-                deleted += max((await conn.execute(sql, params)).rowcount, 0)
+
+        def clean(conn: sqlite3.Connection) -> int:
+            deleted = sum(max(conn.execute(sql, params).rowcount, 0) for sql in _CLEANUP_COUNTED)
             for sql in _CLEANUP_BOOKKEEPING:
-                await conn.execute(sql, params)
-        return deleted
+                conn.execute(sql, params)
+            return deleted
+
+        return await self._transaction("deleting expired results", clean)
 
     # ------------------------------------------------------------ waking
 
@@ -945,6 +1026,15 @@ class SQLiteBackend(BaseBackend):
         names = {base, f"{base}-wal", f"{base}-journal"}
         trailing = False
         while True:
+            if not self.hub.watched_ids():
+                # Nobody here waits: leave the events (this process's own commits
+                # among them) queued in the kernel, which merges repeats of the
+                # last one, instead of waking up for each commit. A waiter that
+                # registers resumes the reading before its first read of the
+                # database, so no write after that read goes unseen; what was
+                # queued before costs one needless re-read at most.
+                trailing = False
+                await self.hub.wait_watched()
             events: list[tuple[int, int, str]] | None = None
             if trailing:
                 with anyio.move_on_after(_TRAILING_CHECK):

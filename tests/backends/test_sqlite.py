@@ -10,6 +10,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import closing, contextmanager
@@ -289,6 +290,36 @@ async def test_close_finishes_queued_writes(make: BackendFactory) -> None:
     assert [m.result for m in await other.get_many(ids)] == ids
 
 
+async def test_writer_stopped_mid_commit_fails_its_callers(
+    make: BackendFactory, db_path: Path
+) -> None:
+    backend = await make(busy_timeout=10)
+    assert isinstance(backend, SQLiteBackend)
+    await backend.get_meta(new_id())
+    with raw(db_path) as lock:
+        lock.execute("BEGIN IMMEDIATE")
+        write = asyncio.create_task(backend.mark_as_done(new_id(), 1))
+        with anyio.fail_after(10):
+            while not backend._batch_running:  # its batch now waits for the lock
+                await asyncio.sleep(0.01)
+        (writer,) = [t for t in backend._tasks if t.get_name().startswith("sqlite writer")]
+        writer.cancel()
+        with pytest.raises(ar.BackendError, match="closed while committing"):
+            await asyncio.wait_for(write, 10)
+        lock.execute("ROLLBACK")
+
+
+async def test_close_leaves_no_thread_behind(make: BackendFactory) -> None:
+    before = set(threading.enumerate())
+    backend = await make()
+    await backend.mark_as_done(new_id(), 1)
+    assert len(set(threading.enumerate()) - before) == 2  # the writer's and the reader's
+    await backend.aclose()
+    with anyio.fail_after(10):
+        while set(threading.enumerate()) - before:
+            await asyncio.sleep(0.01)
+
+
 async def test_watch_reports_each_write_once(make: BackendFactory) -> None:
     writer, reader = await make(), await make(watch_mode="inotify")
     task_id = new_id()
@@ -340,6 +371,27 @@ async def test_waiter_wakes_on_write_by_another_process(
     assert await joined == [f"from {i}" for i in ids]
     if watch_mode == "inotify":
         assert backend.stats["file_events"] > 0
+
+
+async def test_own_commits_wake_nothing_until_someone_waits(
+    make: BackendFactory, db_path: Path
+) -> None:
+    backend = await make(watch_mode="inotify")
+    assert isinstance(backend, SQLiteBackend)
+    await asyncio.gather(*(backend.mark_as_done(new_id(), i) for i in range(50)))
+    for i in range(20):
+        await backend.mark_as_done(new_id(), i)
+    await asyncio.sleep(0.2)
+    assert backend.stats["file_events"] == 0 and backend.stats["refreshes"] == 0
+    # The file events of those commits waited, unread; a waiter still wakes on the next.
+    task_id = new_id()
+    waiting = asyncio.create_task(ar.AsyncResult(task_id, backend).get(timeout=30))
+    with anyio.fail_after(10):
+        while not backend.hub.watched_ids():
+            await asyncio.sleep(0.01)
+    await anyio.run_process(python(WRITER, str(db_path), task_id), env=child_env())
+    assert await waiting == f"from {task_id}"
+    assert backend.stats["file_events"] > 0
 
 
 async def test_idle_waiter_reads_nothing(make: BackendFactory) -> None:
