@@ -276,9 +276,14 @@ def result_from_tuple(data: Any, backend: ResultBackend) -> AsyncResult[Any] | G
         (node_id, parent_data), members = data
     except (TypeError, ValueError) as exc:
         raise DecodeError(f"not a result tuple: {data!r:.100}") from exc
+    if members is not None and not isinstance(members, (list, tuple)):
+        raise DecodeError(f"result tuple has no member list: {members!r:.100}")
     if not isinstance(node_id, str):
         raise DecodeError(f"result tuple has a non-string id: {node_id!r:.100}")
-    parent = result_from_tuple(parent_data, backend) if parent_data is not None else None
+    try:
+        parent = result_from_tuple(parent_data, backend) if parent_data is not None else None
+    except RecursionError as exc:
+        raise DecodeError("result tuple nests too deeply") from exc
     if parent is not None and not isinstance(parent, AsyncResult):
         parent = None
     if members is None:

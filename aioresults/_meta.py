@@ -30,7 +30,7 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-@dataclasses.dataclass(slots=True)
+@dataclasses.dataclass(slots=True, eq=False)
 class ResultMeta:
     """The stored record of one task, with Celery's field names.
 
@@ -61,6 +61,21 @@ class ResultMeta:
     extra: Mapping[str, Any] = dataclasses.field(default_factory=lambda: _NO_EXTRA)
     #: Keys the stored record had (kept so that a round trip writes the same keys).
     present: frozenset[str] = dataclasses.field(default=frozenset(), compare=False, repr=False)
+
+    def __eq__(self, other: object) -> bool:
+        # Field by field, but exceptions compare by type and arguments: the
+        # same stored failure decodes to a new exception object each time, and
+        # it must still read as "no change".
+        if not isinstance(other, ResultMeta):
+            return NotImplemented
+        if _comparable(self) != _comparable(other):
+            return False
+        mine, theirs = self.result, other.result
+        if isinstance(mine, BaseException) or isinstance(theirs, BaseException):
+            return type(mine) is type(theirs) and mine.args == theirs.args
+        return bool(mine == theirs)
+
+    __hash__ = None  # type: ignore[assignment]
 
     @classmethod
     def pending(cls, task_id: str) -> ResultMeta:
@@ -137,6 +152,8 @@ class ResultMeta:
         stored_id = get("task_id", task_id)
         if type(stored_id) is not str:
             raise DecodeError("stored result has no task_id")
+        if task_id is not None and stored_id != task_id:
+            raise DecodeError(f"the record stored for {task_id!r} names task {stored_id!r}")
         traceback = get("traceback")
         result = get("result")
         if status in states.EXCEPTION_STATES and isinstance(result, dict):
@@ -173,3 +190,22 @@ class ResultMeta:
             else {k: v for k, v in data.items() if k not in _KNOWN},
             frozenset(data),
         )
+
+
+def _comparable(meta: ResultMeta) -> tuple[Any, ...]:
+    return (
+        meta.task_id,
+        meta.status,
+        meta.traceback,
+        meta.children,
+        meta.date_done,
+        meta.group_id,
+        meta.parent_id,
+        meta.name,
+        meta.args,
+        meta.kwargs,
+        meta.worker,
+        meta.retries,
+        meta.queue,
+        meta.extra,
+    )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Generator, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Generator, Sequence
 from contextlib import aclosing
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, overload
 
@@ -15,11 +15,13 @@ from ._exceptions import RemoteTaskError, ResultTimeout
 from ._meta import ResultMeta
 
 if TYPE_CHECKING:
+    from .backends._waiters import Waiter
     from .backends.base import ResultBackend
 
 __all__ = ["AsyncResult", "iter_updates"]
 
 T = TypeVar("T")
+_T = TypeVar("_T")
 
 
 def _deadline(timeout: float | None) -> float | None:
@@ -30,23 +32,42 @@ def _deadline(timeout: float | None) -> float | None:
     return anyio.current_time() + timeout
 
 
+async def _within(
+    awaitable: Awaitable[_T], task_ids: Sequence[str], timeout: float | None, deadline: float | None
+) -> _T:
+    """Await ``awaitable`` before ``deadline``, else raise :class:`ResultTimeout`."""
+    if deadline is None:
+        return await awaitable
+    assert timeout is not None
+    if sniffio.current_async_library() == "asyncio":
+        # asyncio's own timeout keeps no per-task state, unlike a cancel scope.
+        scope = asyncio.timeout_at(deadline)
+        try:
+            async with scope:
+                return await awaitable
+        except TimeoutError:
+            if scope.expired():
+                raise ResultTimeout(task_ids, timeout) from None
+            raise
+    with anyio.move_on_after(deadline - anyio.current_time()):
+        return await awaitable
+    raise ResultTimeout(task_ids, timeout)
+
+
 async def _read(
     backend: ResultBackend, task_ids: Sequence[str], timeout: float | None, deadline: float | None
 ) -> list[ResultMeta]:
     """The first read of a wait, bounded by its deadline (``timeout=0`` reads once)."""
-    if deadline is None or timeout == 0:
+    if timeout == 0:
         return await backend.get_many(task_ids)
-    assert timeout is not None
-    if sniffio.current_async_library() == "asyncio":
-        # asyncio's own timeout keeps no per-task state, unlike a cancel scope.
-        try:
-            async with asyncio.timeout_at(deadline):
-                return await backend.get_many(task_ids)
-        except TimeoutError:
-            raise ResultTimeout(task_ids, timeout) from None
-    with anyio.move_on_after(deadline - anyio.current_time()):
-        return await backend.get_many(task_ids)
-    raise ResultTimeout(task_ids, timeout)
+    return await _within(backend.get_many(task_ids), task_ids, timeout, deadline)
+
+
+async def _enter(
+    waiter: Waiter, task_ids: Sequence[str], timeout: float | None, deadline: float | None
+) -> None:
+    """Enter a waiter (watch, then read) within the deadline; leaving it is the caller's."""
+    await _within(waiter.__aenter__(), task_ids, timeout, deadline)
 
 
 async def iter_updates(
@@ -72,7 +93,9 @@ async def iter_updates(
     if deadline is not None and anyio.current_time() >= deadline:
         assert timeout is not None
         raise ResultTimeout(sorted(pending), timeout)
-    async with backend.waiter(sorted(pending)) as waiter:
+    waiter = backend.waiter(sorted(pending))
+    await _enter(waiter, sorted(pending), timeout, deadline)
+    try:
         while pending:
             got = await waiter.next(deadline)
             if got is None:
@@ -84,6 +107,8 @@ async def iter_updates(
             yield item
             if item.ready:
                 pending.discard(task_id)
+    finally:
+        waiter.close()
 
 
 async def wait_ready(backend: ResultBackend, task_id: str, timeout: float | None) -> ResultMeta:
@@ -97,7 +122,9 @@ async def wait_ready(backend: ResultBackend, task_id: str, timeout: float | None
     if deadline is not None and anyio.current_time() >= deadline:
         assert timeout is not None
         raise ResultTimeout([task_id], timeout)
-    async with backend.waiter([task_id]) as waiter:
+    waiter = backend.waiter([task_id])
+    await _enter(waiter, [task_id], timeout, deadline)
+    try:
         while True:
             got = waiter.take()
             if got is None:
@@ -112,6 +139,8 @@ async def wait_ready(backend: ResultBackend, task_id: str, timeout: float | None
                 raise got[1]
             if got[1].ready:
                 return got[1]
+    finally:
+        waiter.close()
 
 
 class AsyncResult(Generic[T]):

@@ -21,6 +21,7 @@ import builtins
 import bz2
 import datetime as dt
 import decimal
+import inspect
 import json
 import lzma
 import pickle
@@ -282,7 +283,8 @@ def _refuse_non_exception(exc_type: str, exc_module: str) -> None:
         return
     for part in exc_type.split("."):
         try:
-            target = getattr(target, part)
+            # Static lookup: a module's __getattr__ may import other modules.
+            target = inspect.getattr_static(target, part)
         except AttributeError:
             return
     if not (isinstance(target, type) and issubclass(target, BaseException)):
@@ -342,7 +344,12 @@ def _instantiate(
         return TaskRevokedError(*args)
     if exc_module == "builtins" and "." not in exc_type:
         found = getattr(builtins, exc_type, None)
-        if isinstance(found, type) and issubclass(found, Exception):
+        # StopIteration and friends would be turned into RuntimeError by await.
+        if (
+            isinstance(found, type)
+            and issubclass(found, Exception)
+            and not issubclass(found, (StopIteration, StopAsyncIteration))
+        ):
             return _construct(found, exc_type, exc_module, args)
     _refuse_non_exception(exc_type, exc_module)
     return _synthesize(exc_type, exc_module)(*args)

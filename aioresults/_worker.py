@@ -9,6 +9,7 @@ or REVOKED (on cancellation). :func:`task` is the decorator form.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import functools
 import inspect
@@ -21,9 +22,10 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
 import anyio
+import sniffio
 
 from . import states
-from ._exceptions import TaskRevokedError
+from ._exceptions import ResultTooLarge, SerializationError, TaskRevokedError
 
 if TYPE_CHECKING:
     from .backends.base import BaseBackend, ChordProgress
@@ -180,17 +182,44 @@ class TaskTracker:
         else:
             state, value = states.FAILURE, exc
             traceback = "".join(traceback_module.format_exception(exc_type, exc, tb))
-        # Shielded: a cancelled task must still leave its final state behind,
-        # and cancellation arriving during the store must not cut it short.
-        with anyio.CancelScope(shield=True):
+        # A cancelled task must still leave its final state behind, and a
+        # cancellation arriving during the store must not cut it short.
+        if sniffio.current_async_library() == "asyncio":
+            # anyio's shield does not stop a plain asyncio task.cancel().
+            finish = asyncio.ensure_future(self._finish(state, value, traceback))
+            cancelled = False
+            while not finish.done():
+                try:
+                    await asyncio.shield(finish)
+                except asyncio.CancelledError:
+                    cancelled = True
+            finish.result()
+            if cancelled:
+                raise asyncio.CancelledError
+        else:
+            with anyio.CancelScope(shield=True):
+                await self._finish(state, value, traceback)
+
+    async def _finish(self, state: str, value: Any, traceback: str | None) -> None:
+        try:
             await self.backend.store_result(
                 self.task_id, value, state, traceback=traceback, **self._fields
             )
-            self.final_state = state
-            if self.chord is not None:
-                self.chord_progress = await self.backend.chord_part_return(
-                    self.chord, self.task_id, state, value, index=self.index
-                )
+        except (SerializationError, ResultTooLarge) as error:
+            if state != states.SUCCESS:
+                raise
+            # The value cannot be stored: report that as the task's failure
+            # (Celery does the same), rather than leave it STARTED for ever.
+            state, value = states.FAILURE, error
+            traceback = "".join(traceback_module.format_exception(error))
+            await self.backend.store_result(
+                self.task_id, value, state, traceback=traceback, **self._fields
+            )
+        self.final_state = state
+        if self.chord is not None:
+            self.chord_progress = await self.backend.chord_part_return(
+                self.chord, self.task_id, state, value, index=self.index
+            )
 
 
 class TrackedTask(Generic[P, T]):

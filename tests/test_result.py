@@ -173,3 +173,45 @@ async def test_memory_and_results_under_trio() -> None:
         "trio",
         ["trio", "too"],
     ]
+
+
+async def test_closing_the_backend_ends_pending_waits() -> None:
+    backend = MemoryBackend()
+    waiting = asyncio.create_task(ar.AsyncResult("never", backend).get())
+    watching = asyncio.create_task(ar.ResultSet([ar.AsyncResult("n2", backend)]).join())
+    with anyio.fail_after(5):
+        while len(backend.hub) < 2:
+            await asyncio.sleep(0.01)
+    await backend.aclose()
+    for task in (waiting, watching):
+        with pytest.raises(ar.BackendError, match="closed"):
+            await task
+    assert len(backend.hub) == 0
+    with pytest.raises(ar.BackendError):
+        await ar.AsyncResult("late", backend).get(timeout=1)
+
+
+async def test_timeout_covers_a_slow_watch() -> None:
+    class SlowWatch(MemoryBackend):
+        async def _watch(self, task_ids: Any) -> None:
+            await asyncio.sleep(5)
+
+    async with SlowWatch() as backend:
+        started = anyio.current_time()
+        with pytest.raises(ar.ResultTimeout):
+            await ar.AsyncResult("slow", backend).get(timeout=0.2)
+        assert anyio.current_time() - started < 1
+        assert len(backend.hub) == 0 and backend.hub.watched_ids() == []
+
+
+async def test_a_record_under_another_id_is_refused(backend: MemoryBackend) -> None:
+    await backend.set(backend.task_key("a"), b'{"status": "SUCCESS", "task_id": "zzz"}', None)
+    with pytest.raises(ar.DecodeError, match="zzz"):
+        await backend.get_meta("a")
+
+
+async def test_unchanged_failure_is_not_a_change(backend: MemoryBackend) -> None:
+    await backend.mark_as_retry("r", ValueError("again"))
+    first, second = await backend.get_meta("r"), await backend.get_meta("r")
+    assert first is not second and first == second
+    assert first != await backend.get_meta("other")

@@ -229,3 +229,24 @@ def test_revoked_uses_celerys_type_and_celery_reads_ours() -> None:
         assert exception_to_dict(ValueError("v", 1)) == json.loads(json.dumps(celery_form))
     finally:
         app.close()
+
+
+def test_decoding_never_imports_through_module_getattr() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, concurrent.futures as cf\n"
+        "from aioresults import exception_from_dict\n"
+        "exc = exception_from_dict({'exc_type': 'ProcessPoolExecutor', 'exc_message': [],"
+        " 'exc_module': 'concurrent.futures'})\n"
+        "print(type(exc).__name__, 'concurrent.futures.process' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["ProcessPoolExecutor", "False"]
+
+
+def test_stop_iteration_is_not_rebuilt_as_itself() -> None:
+    for name in ("StopIteration", "StopAsyncIteration"):
+        exc = exception_from_dict({"exc_type": name, "exc_message": [1], "exc_module": "builtins"})
+        assert isinstance(exc, ar.RemoteTaskError) and exc.remote_type == name

@@ -86,6 +86,10 @@ class Waiter:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Unregister (what leaving ``async with`` does); idempotent, never blocks."""
         self._hub._remove(self)
         self._stop_timer()
 
@@ -191,6 +195,7 @@ class WaiterHub:
         self._settling: anyio.Event | None = None
         self._watched_event: anyio.Event | None = None
         self._registrations = 0
+        self._closed: Exception | None = None
 
     # ------------------------------------------------------------ inspection
 
@@ -223,7 +228,16 @@ class WaiterHub:
             return ()
         return (found,) if isinstance(found, Waiter) else found
 
+    def close(self, error: Exception) -> None:
+        """Give ``error`` to every waiter and refuse new ones (the backend closed)."""
+        self._closed = error
+        for task_id in list(self._by_id):
+            for waiter in self._waiters(task_id):
+                waiter._put(task_id, error)
+
     def _add(self, waiter: Waiter) -> None:
+        if self._closed is not None:
+            raise self._closed
         for task_id in waiter.ids:
             found = self._by_id.get(task_id)
             if found is None:
@@ -291,6 +305,10 @@ class WaiterHub:
             if batch:
                 await self._source._watch(sorted(batch))
         except BaseException:
+            # The watch may be half set up: end it, and let the next settler
+            # watch again whatever still has waiters.
+            self._in_flight = set()
+            self._unwatch(sorted(batch))
             self._to_watch |= {i for i in batch if i in self._by_id}
             raise
         finally:
@@ -313,6 +331,8 @@ class WaiterHub:
                 self.deliver(task_id, item)
                 continue
             self._last[task_id] = _token(item)
+            # A refresh that started before this read must not deliver its older record.
+            self._versions[task_id] += 1
             for w in self._waiters(task_id):
                 if w in readers:
                     w._put(task_id, item)

@@ -334,14 +334,22 @@ class BaseBackend(ABC):
         if self._closed:
             return
         self._closed = True
+        # Waiters would otherwise wait for ever: nothing feeds them any more.
+        self.hub.close(BackendError(f"{self!r} was closed while waiting"))
+        if self._opening is not None:
+            await self._opening.wait()  # let a lazy open finish, then undo it
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
         for task in tasks:
             try:
                 await task
-            except BaseException:
-                pass
+            except asyncio.CancelledError:
+                if task.cancelled():
+                    continue
+                raise  # our own caller is being cancelled
+            except Exception:
+                pass  # already logged by _task_done
         if self._task_group is not None:
             self._task_group.cancel_scope.cancel()
             await self._task_group.__aexit__(None, None, None)
