@@ -256,6 +256,11 @@ class AsyncResult(Generic[T]):
         """Yield the record now and at every state change, ending with the ready one.
 
         Progress updates (e.g. ``PROGRESS`` with a new meta) are changes too.
+        Stores that push the record itself (Redis, memory) deliver every
+        change; stores that only signal "something changed" (filesystem,
+        SQLite, Azure) deliver the latest record at each signal, so changes
+        written in quick succession may arrive as the last of them. The ready
+        record always arrives.
 
         :raises ResultTimeout: not ready within ``timeout`` seconds.
         """
