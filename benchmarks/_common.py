@@ -6,13 +6,16 @@ import asyncio
 import importlib.metadata
 import os
 import platform
+import random
 import re
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 REPORT = ROOT / "docs" / "benchmarks.md"
@@ -134,6 +137,29 @@ class Writer:
 
 def now() -> float:
     return time.monotonic()
+
+
+async def wake_latencies(
+    mode: str, url: str, wait: Callable[[str], Awaitable[Any]], samples: int
+) -> list[float]:
+    """Wake latencies: ``wait(task_id)`` here, the store by a ``mode`` writer in
+    another process, 20-50 ms after the wait began."""
+    out = []
+    async with Writer(mode, url) as writer:
+        for _ in range(samples):
+            task_id = uuid.uuid4().hex
+            woke: list[float] = []
+
+            async def waiter(task_id: str = task_id, woke: list[float] = woke) -> None:
+                await wait(task_id)
+                woke.append(now())
+
+            task = asyncio.create_task(waiter())
+            await asyncio.sleep(random.uniform(0.02, 0.05))
+            stored = await writer.store(task_id)
+            await asyncio.wait_for(task, 15)
+            out.append(woke[0] - stored)
+    return out
 
 
 def summary(values: Sequence[float]) -> tuple[float, float, float]:

@@ -10,13 +10,11 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
-import random
 import subprocess
 import sys
 import time
 import tracemalloc
 import uuid
-from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -25,7 +23,6 @@ import redis.asyncio as redis_asyncio
 import aioresults as ar
 from benchmarks._common import (
     ROOT,
-    Writer,
     machine,
     ms,
     now,
@@ -33,6 +30,7 @@ from benchmarks._common import (
     summary,
     table,
     version,
+    wake_latencies,
     write_section,
 )
 from tests.servers import RedisServer
@@ -41,27 +39,6 @@ SAMPLES = 40
 
 
 # ------------------------------------------------------------------ wake latency
-
-
-async def _latencies(
-    mode: str, url: str, wait: Callable[[str], Awaitable[Any]], samples: int = SAMPLES
-) -> list[float]:
-    out = []
-    async with Writer(mode, url) as writer:
-        for _ in range(samples):
-            task_id = uuid.uuid4().hex
-            woke: list[float] = []
-
-            async def waiter(task_id: str = task_id, woke: list[float] = woke) -> None:
-                await wait(task_id)
-                woke.append(now())
-
-            task = asyncio.create_task(waiter())
-            await asyncio.sleep(random.uniform(0.02, 0.05))
-            stored = await writer.store(task_id)
-            await asyncio.wait_for(task, 15)
-            out.append(woke[0] - stored)
-    return out
 
 
 async def wake_latency(url: str) -> list[list[Any]]:
@@ -80,13 +57,13 @@ async def wake_latency(url: str) -> list[list[Any]]:
                     break
         await pubsub.unsubscribe(key)
 
-    results["raw redis.asyncio SUBSCRIBE+GET (floor)"] = await _latencies("raw", url, raw_wait)
+    results["raw redis.asyncio SUBSCRIBE+GET (floor)"] = await wake_latencies("raw", url, raw_wait)
     await pubsub.aclose()
     await client.aclose()
 
     async with ar.connect(url) as backend:
         await backend.get_meta("warm-up")
-        results[f"aioresults {version('aioresults')} `await result`"] = await _latencies(
+        results[f"aioresults {version('aioresults')} `await result`"] = await wake_latencies(
             "aioresults", url, lambda task_id: ar.AsyncResult(task_id, backend).get(timeout=10)
         )
 
@@ -100,7 +77,7 @@ async def wake_latency(url: str) -> list[list[Any]]:
         result = CeleryResult(task_id, app=app)
         await asyncio.to_thread(result.get, timeout=10)
 
-    results[f"Celery {version('celery')} blocking `AsyncResult.get()`"] = await _latencies(
+    results[f"Celery {version('celery')} blocking `AsyncResult.get()`"] = await wake_latencies(
         "celery", url, celery_wait
     )
     app.backend.result_consumer.stop()
@@ -114,7 +91,7 @@ async def wake_latency(url: str) -> list[list[Any]]:
     await taskiq_backend.startup()
     results[
         f"taskiq-redis {version('taskiq-redis')} `wait_result()` (0.2 s poll)"
-    ] = await _latencies(
+    ] = await wake_latencies(
         "taskiq",
         url,
         lambda task_id: AsyncTaskiqTask(task_id, taskiq_backend).wait_result(timeout=10),

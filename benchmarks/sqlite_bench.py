@@ -8,12 +8,10 @@ while nothing changes.
 from __future__ import annotations
 
 import asyncio
-import random
 import subprocess
 import sys
 import tempfile
 import textwrap
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -21,7 +19,16 @@ from typing import Any
 import aiosqlite
 
 import aioresults as ar
-from benchmarks._common import Writer, machine, ms, now, summary, table, version, write_section
+from benchmarks._common import (
+    machine,
+    ms,
+    now,
+    summary,
+    table,
+    version,
+    wake_latencies,
+    write_section,
+)
 
 PER_RUN = 2000
 
@@ -97,30 +104,11 @@ async def throughput(directory: Path) -> list[list[Any]]:
     return rows
 
 
-async def _latencies(mode: str, url: str, wait: Any, samples: int) -> list[float]:
-    out = []
-    async with Writer(mode, url) as writer:
-        for _ in range(samples):
-            task_id = uuid.uuid4().hex
-            woke: list[float] = []
-
-            async def waiter(task_id: str = task_id, woke: list[float] = woke) -> None:
-                await wait(task_id)
-                woke.append(now())
-
-            task = asyncio.create_task(waiter())
-            await asyncio.sleep(random.uniform(0.02, 0.05))
-            stored = await writer.store(task_id)
-            await asyncio.wait_for(task, 15)
-            out.append(woke[0] - stored)
-    return out
-
-
 async def wake_latency(directory: Path) -> list[list[Any]]:
     url = f"sqlite:///{directory}/wake.db"
     async with ar.connect(url) as backend:
         await backend.get_meta("warm-up")
-        ours = await _latencies(
+        ours = await wake_latencies(
             "aioresults", url, lambda t: ar.AsyncResult(t, backend).get(timeout=10), 40
         )
 
@@ -134,7 +122,7 @@ async def wake_latency(directory: Path) -> list[list[Any]]:
     async def celery_wait(task_id: str) -> None:
         await asyncio.to_thread(CeleryResult(task_id, app=app).get, timeout=10)
 
-    theirs = await _latencies("celery", celery_url, celery_wait, 12)
+    theirs = await wake_latencies("celery", celery_url, celery_wait, 12)
     app.close()
     rows = []
     for name, values in [
