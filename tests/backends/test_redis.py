@@ -71,8 +71,12 @@ async def subscribed(raw: aioredis.Redis, *task_ids: str) -> bool:
 @pytest.fixture
 def celery_app(redis_server: RedisServer) -> Iterator[celery.Celery]:
     app = celery.Celery("aioresults-tests", backend=redis_server.url)
+    # One backend for every thread: Celery's per-thread backends would outlive
+    # this fixture and try to unsubscribe from a stopped server when collected.
+    app.conf.result_backend_thread_safe = True
     yield app
     app.backend.result_consumer.stop()
+    app.backend.result_consumer.subscribed_to.clear()
     app.backend.client.close()
     app.close()
 
