@@ -140,7 +140,7 @@ def now() -> float:
 
 
 async def wake_latencies(
-    mode: str, url: str, wait: Callable[[str], Awaitable[Any]], samples: int
+    mode: str, url: str, wait: Callable[[str], Awaitable[Any]], samples: int = 40
 ) -> list[float]:
     """Wake latencies: ``wait(task_id)`` here, the store by a ``mode`` writer in
     another process, 20-50 ms after the wait began."""
