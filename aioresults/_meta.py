@@ -18,6 +18,7 @@ __all__ = ["ResultMeta"]
 _OPTIONAL = ("group_id", "parent_id")
 _EXTENDED = ("name", "args", "kwargs", "worker", "retries", "queue")
 _NO_EXTRA: Mapping[str, Any] = types.MappingProxyType({})
+_BASIC = frozenset(("status", "result", "traceback", "children", "date_done", "task_id"))
 _KNOWN = frozenset(
     ("status", "result", "traceback", "children", "date_done", "task_id", *_OPTIONAL, *_EXTENDED)
 )
@@ -170,6 +171,12 @@ class ResultMeta:
         elif date_done is not None and not isinstance(date_done, dt.datetime):
             raise DecodeError("stored date_done is not a date")
         # Positional, in field order: the hot path of every read.
+        if data.keys() <= _BASIC:
+            # Most records have only Celery's basic keys: skip the rest.
+            return cls(
+                stored_id, status, result, traceback, get("children"), date_done,
+                None, None, None, None, None, None, None, None, _NO_EXTRA, _BASIC,
+            )  # fmt: skip
         return cls(
             stored_id,
             status,

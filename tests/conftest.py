@@ -19,7 +19,7 @@ import pytest
 from aioresults import BaseBackend
 
 #: Every backend kind the contract suite runs on, in order.
-ALL_KINDS = ["memory", "file", "sqlite", "redis", "azure"]
+ALL_KINDS = ["memory", "file", "sqlite", "redis", "redis_cluster", "azure"]
 #: The kinds whose plugin exists in this checkout.
 BACKEND_KINDS = [k for k in ALL_KINDS if importlib.util.find_spec(f"tests.plugins.{k}")]
 

@@ -198,7 +198,8 @@ class RedisServer:
 
 
 class RedisCluster:
-    """Three masters sharing the 16384 hash slots (no replicas)."""
+    """Three masters sharing the 16384 hash slots (no replicas). A node keeps its
+    ``nodes.conf`` across :meth:`RedisServer.restart`, so it rejoins with its slots."""
 
     def __init__(self, masters: int = 3) -> None:
         self.nodes = [
@@ -224,12 +225,55 @@ class RedisCluster:
                 raise RuntimeError(f"CLUSTER ADDSLOTSRANGE failed: {reply!r}")
         for node in self.nodes[1:]:
             self.nodes[0].command("CLUSTER", "MEET", "127.0.0.1", str(node.port))
+        self.wait_ok()
+        return self
+
+    def wait_ok(self) -> None:
+        """Wait until every node reports ``cluster_state:ok`` with every slot served
+        and none suspected (a master refuses commands for its first 2 s, so a start
+        or restart costs that much)."""
         deadline = time.monotonic() + _START_TIMEOUT
-        while not all(b"cluster_state:ok" in n.command("CLUSTER", "INFO") for n in self.nodes):
+        healthy = (b"cluster_state:ok", b"cluster_slots_ok:16384")
+        while not all(
+            all(line in info for line in healthy)
+            for info in (n.command("CLUSTER", "INFO") for n in self.nodes)
+        ):
             if time.monotonic() > deadline:
                 raise RuntimeError("the cluster did not reach cluster_state:ok")
             time.sleep(0.05)
-        return self
+
+    def node_id(self, node: RedisServer) -> str:
+        """The cluster's name for ``node`` (``CLUSTER MYID``)."""
+        return node.command("CLUSTER", "MYID").split(b"\r\n")[1].decode()
+
+    def move_slot(
+        self, slot: int, source: RedisServer, target: RedisServer, keys: tuple[str, ...] = ()
+    ) -> None:
+        """Hand ``slot`` and its ``keys`` (all of them, without spaces) from ``source``
+        to ``target``, as a resharding does: IMPORTING, MIGRATING, MIGRATE, then
+        SETSLOT NODE on every node."""
+        target_id = self.node_id(target)
+        for node, args in (
+            (target, ("IMPORTING", self.node_id(source))),
+            (source, ("MIGRATING", target_id)),
+        ):
+            reply = node.command("CLUSTER", "SETSLOT", str(slot), *args)
+            if not reply.startswith(b"+OK"):
+                raise RuntimeError(f"CLUSTER SETSLOT {slot} {args[0]} failed: {reply!r}")
+        if keys:
+            address = ("127.0.0.1", str(target.port))
+            reply = source.command("MIGRATE", *address, '""', "0", "5000", "KEYS", *keys)
+            if not reply.startswith(b"+OK"):
+                raise RuntimeError(f"MIGRATE failed: {reply!r}")
+        for node in (target, source, *(n for n in self.nodes if n not in (source, target))):
+            reply = node.command("CLUSTER", "SETSLOT", str(slot), "NODE", target_id)
+            if not reply.startswith(b"+OK"):
+                raise RuntimeError(f"CLUSTER SETSLOT {slot} NODE failed: {reply!r}")
+
+    def flush(self) -> None:
+        """Empty every master (FLUSHALL reaches one node only)."""
+        for node in self.nodes:
+            node.command("FLUSHALL")
 
     def close(self) -> None:
         """Stop every node."""
