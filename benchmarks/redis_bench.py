@@ -36,7 +36,7 @@ from benchmarks._common import (
 )
 from tests.servers import RedisServer
 
-SAMPLES = 40
+SAMPLES = 100
 
 
 # ------------------------------------------------------------------ wake latency
