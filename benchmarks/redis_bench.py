@@ -58,14 +58,19 @@ async def wake_latency(url: str) -> list[list[Any]]:
                     break
         await pubsub.unsubscribe(key)
 
-    results["raw redis.asyncio SUBSCRIBE+GET (floor)"] = await wake_latencies("raw", url, raw_wait)
+    results["raw redis.asyncio SUBSCRIBE+GET (floor)"] = await wake_latencies(
+        "raw", url, raw_wait, SAMPLES
+    )
     await pubsub.aclose()
     await client.aclose()
 
     async with ar.connect(url) as backend:
         await backend.get_meta("warm-up")
         results[f"aioresults {version('aioresults')} `await result`"] = await wake_latencies(
-            "aioresults", url, lambda task_id: ar.AsyncResult(task_id, backend).get(timeout=10)
+            "aioresults",
+            url,
+            lambda task_id: ar.AsyncResult(task_id, backend).get(timeout=10),
+            SAMPLES,
         )
 
     from celery import Celery
@@ -79,7 +84,7 @@ async def wake_latency(url: str) -> list[list[Any]]:
         await asyncio.to_thread(result.get, timeout=10)
 
     results[f"Celery {version('celery')} blocking `AsyncResult.get()`"] = await wake_latencies(
-        "celery", url, celery_wait
+        "celery", url, celery_wait, SAMPLES
     )
     app.backend.result_consumer.stop()
     app.backend.client.close()
