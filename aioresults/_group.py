@@ -143,7 +143,9 @@ class ResultSet(Generic[T]):
 
     # ------------------------------------------------------------ waiting
 
-    async def _ready_metas(self, timeout: float | None) -> AsyncGenerator[ResultMeta, None]:
+    async def _ready_metas(
+        self, timeout: float | None, read_first: bool = True
+    ) -> AsyncGenerator[ResultMeta, None]:
         """Yield each member's ready record once, in completion order."""
         cached = {r.id: r._meta for r in self.results if r._meta is not None}
         for meta in cached.values():
@@ -152,7 +154,10 @@ class ResultSet(Generic[T]):
         if not wanted:
             return
         seen: set[str] = set()
-        async with aclosing(iter_updates(self.backend, list(dict.fromkeys(wanted)), timeout)) as it:
+        updates = iter_updates(
+            self.backend, list(dict.fromkeys(wanted)), timeout, read_first=read_first
+        )
+        async with aclosing(updates) as it:
             async for meta in it:
                 if meta.ready and meta.task_id not in seen:
                     seen.add(meta.task_id)
@@ -168,7 +173,9 @@ class ResultSet(Generic[T]):
         """
         by_id = {r.id: r for r in self.results}
         unread = [r for r in self.results if r._meta is None]
+        read_first = True
         if unread and (timeout is None or timeout > 0):
+            read_first = False  # the unfinished members were just read
             # One batched read first: a finished group needs nothing more.
             started = anyio.current_time()
             metas = await _read(self.backend, [r.id for r in unread], timeout, _deadline(timeout))
@@ -178,7 +185,7 @@ class ResultSet(Generic[T]):
                     value_of(meta, propagate=True)
             if timeout is not None:
                 timeout = max(0.0, timeout - (anyio.current_time() - started))
-        async with aclosing(self._ready_metas(timeout)) as ready:
+        async with aclosing(self._ready_metas(timeout, read_first)) as ready:
             async for meta in ready:
                 by_id[meta.task_id]._remember(meta)
                 if propagate and meta.status in states.PROPAGATE_STATES:

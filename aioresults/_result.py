@@ -71,12 +71,17 @@ async def _enter(
 
 
 async def iter_updates(
-    backend: ResultBackend, task_ids: Sequence[str], timeout: float | None = None
+    backend: ResultBackend,
+    task_ids: Sequence[str],
+    timeout: float | None = None,
+    *,
+    read_first: bool = True,
 ) -> AsyncGenerator[ResultMeta, None]:
     """Yield the current record of every id, then each change, until all are ready.
 
-    The store is read once first; only ids that are not ready are then watched
-    (registered before being read again, so nothing stored in between is lost).
+    The store is read once first (unless ``read_first`` is False because the
+    caller just did); only ids that are not ready are then watched (registered
+    before being read again, so nothing stored in between is lost).
 
     :raises ResultTimeout: ``timeout`` seconds passed before all were ready
         (``timeout=0`` reads once and never waits).
@@ -84,10 +89,13 @@ async def iter_updates(
     """
     deadline = _deadline(timeout)
     pending = set()
-    for meta in await _read(backend, task_ids, timeout, deadline):
-        yield meta
-        if not meta.ready:
-            pending.add(meta.task_id)
+    if read_first:
+        for meta in await _read(backend, task_ids, timeout, deadline):
+            yield meta
+            if not meta.ready:
+                pending.add(meta.task_id)
+    else:
+        pending.update(task_ids)  # the caller has just read them: watch straight away
     if not pending:
         return
     if deadline is not None and anyio.current_time() >= deadline:
