@@ -17,7 +17,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from types import TracebackType
+from typing import Self
 
 __all__ = ["RedisCluster", "RedisSentinel", "RedisServer", "free_port", "server_binary"]
 
@@ -82,7 +82,27 @@ def _command(port: int, *args: str, timeout: float = 2.0) -> bytes:
         return reply
 
 
-class RedisServer:
+class _Service:
+    """``with Service() as s:`` starts it and always closes it, even if starting fails."""
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        try:
+            return self.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class RedisServer(_Service):
     """One private server process; see the module docstring.
 
     :param port: the TCP port (a free one by default); kept across restarts.
@@ -181,23 +201,8 @@ class RedisServer:
         self.stop()
         self._tmp.cleanup()
 
-    def __enter__(self) -> RedisServer:
-        try:
-            return self.start()
-        except BaseException:
-            self.close()
-            raise
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-
-class RedisCluster:
+class RedisCluster(_Service):
     """Three masters sharing the 16384 hash slots (no replicas). A node keeps its
     ``nodes.conf`` across :meth:`RedisServer.restart`, so it rejoins with its slots."""
 
@@ -280,18 +285,8 @@ class RedisCluster:
         for node in self.nodes:
             node.close()
 
-    def __enter__(self) -> RedisCluster:
-        try:
-            return self.start()
-        except BaseException:
-            self.close()
-            raise
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-
-class RedisSentinel:
+class RedisSentinel(_Service):
     """A master and one sentinel monitoring it as ``master_name``."""
 
     def __init__(self, master_name: str = "mymaster") -> None:
@@ -340,13 +335,3 @@ class RedisSentinel:
             self.process = None
         self.master.close()
         self._tmp.cleanup()
-
-    def __enter__(self) -> RedisSentinel:
-        try:
-            return self.start()
-        except BaseException:
-            self.close()
-            raise
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
