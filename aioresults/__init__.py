@@ -6,9 +6,12 @@ from ``aioresults.backends.<name>``.
 
 from __future__ import annotations
 
+from typing import Any
+
 from . import states
 from ._exceptions import (
     AioResultsError,
+    BackendClosed,
     BackendCorrupted,
     BackendError,
     BackendUnavailable,
@@ -28,11 +31,13 @@ from ._exceptions import (
 )
 from ._group import GroupResult, ResultSet, result_from_tuple
 from ._meta import ResultMeta
+from ._protocols import ChordProgress, Record, ResultReader, ResultWriter, Watch
 from ._registry import DEFAULT_URL, connect, known_schemes, register_backend
 from ._result import AsyncResult
 from ._serialization import Codec, exception_from_dict, exception_to_dict
 from ._worker import TaskTracker, TrackedTask, current_task, task
-from .backends.base import BaseBackend, ChordProgress, KeyValueBackend, ResultBackend
+from .backends.base import BaseBackend, WaitStats
+from .backends.keyvalue import KeyValueBackend
 
 __version__ = "0.1.0"
 
@@ -40,6 +45,7 @@ __all__ = [
     "DEFAULT_URL",
     "AioResultsError",
     "AsyncResult",
+    "BackendClosed",
     "BackendCorrupted",
     "BackendError",
     "BackendUnavailable",
@@ -54,18 +60,22 @@ __all__ = [
     "InvalidTaskId",
     "KeyValueBackend",
     "MissingDependency",
+    "Record",
     "RemoteTaskError",
-    "ResultBackend",
     "ResultMeta",
+    "ResultReader",
     "ResultSet",
     "ResultTimeout",
     "ResultTooLarge",
+    "ResultWriter",
     "SecurityError",
     "SerializationError",
     "TaskRevokedError",
     "TaskTracker",
     "TrackedTask",
     "UnknownBackend",
+    "WaitStats",
+    "Watch",
     "connect",
     "current_task",
     "exception_from_dict",
@@ -83,11 +93,19 @@ for _name in __all__:
         "states",
         "BaseBackend",
         "KeyValueBackend",
-        "ResultBackend",
         "ChordProgress",
+        "WaitStats",
     }:
         try:
             _obj.__module__ = "aioresults"
         except (AttributeError, TypeError):
             pass
 del _name, _obj
+
+
+def __getattr__(name: str) -> Any:
+    if name == "ResultBackend":
+        from ._deprecated import result_backend
+
+        return result_backend()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

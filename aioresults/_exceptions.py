@@ -14,6 +14,7 @@ backend translates them at its boundary and chains the original with ``from``.
     ├── ResultTimeout (TimeoutError)        a wait ran out of time
     ├── BackendError                        the store failed
     │   ├── BackendUnavailable (ConnectionError)   cannot reach the store
+    │   ├── BackendClosed                   the backend was closed under the operation
     │   ├── BackendCorrupted                the store itself is damaged or foreign
     │   └── ResultTooLarge                  an encoded value exceeds the size limit
     ├── SerializationError (ValueError)     a value cannot be encoded or decoded
@@ -32,6 +33,7 @@ from collections.abc import Sequence
 
 __all__ = [
     "AioResultsError",
+    "BackendClosed",
     "BackendCorrupted",
     "BackendError",
     "BackendUnavailable",
@@ -113,6 +115,15 @@ class BackendError(AioResultsError):
 
 class BackendUnavailable(BackendError, ConnectionError):
     """The result store cannot be reached."""
+
+
+class BackendClosed(BackendError):
+    """The backend was closed while the operation waited (or before it started).
+
+    Every operation still outstanding when :meth:`~aioresults.BaseBackend.aclose`
+    runs (a wait, a batched read or write not yet sent) fails with this error at
+    once; none is left waiting.
+    """
 
 
 class BackendCorrupted(BackendError):

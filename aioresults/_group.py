@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Iterable, Iterator
+from collections.abc import AsyncGenerator, Generator, Iterable, Iterator
 from contextlib import aclosing
-from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
+from typing import Any, Generic, Literal, overload
 
-import anyio
+from typing_extensions import TypeVar
 
-from . import states
-from ._exceptions import DecodeError
+from . import _runtime, states
+from ._exceptions import DecodeError, ResultTimeout
 from ._meta import ResultMeta
-from ._result import AsyncResult, _deadline, _read, iter_updates, value_of
-
-if TYPE_CHECKING:
-    from .backends.base import ResultBackend
+from ._protocols import ResultReader
+from ._result import AsyncResult, iter_updates, value_of
 
 __all__ = ["GroupResult", "ResultSet", "result_from_tuple"]
 
-T = TypeVar("T")
+T = TypeVar("T", default=Any)
 
 
 class ResultSet(Generic[T]):
@@ -29,7 +27,7 @@ class ResultSet(Generic[T]):
     """
 
     def __init__(
-        self, results: Iterable[AsyncResult[T]] = (), backend: ResultBackend | None = None
+        self, results: Iterable[AsyncResult[T]] = (), backend: ResultReader | None = None
     ) -> None:
         self._results: list[AsyncResult[T]] = []
         self._ids: set[str] = set()
@@ -43,6 +41,10 @@ class ResultSet(Generic[T]):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__}: [{', '.join(r.id for r in self.results)}]>"
+
+    def __await__(self) -> Generator[Any, None, list[T]]:
+        """``await rs`` is ``await rs.join()``."""
+        return self.join().__await__()
 
     def __len__(self) -> int:
         return len(self.results)
@@ -65,7 +67,7 @@ class ResultSet(Generic[T]):
         return item in self._ids
 
     @property
-    def backend(self) -> ResultBackend:
+    def backend(self) -> ResultReader:
         """The backend every member uses."""
         if self._backend is None:
             raise ValueError(f"{type(self).__name__} is empty and has no backend")
@@ -143,53 +145,76 @@ class ResultSet(Generic[T]):
 
     # ------------------------------------------------------------ waiting
 
-    async def _ready_metas(
-        self, timeout: float | None, read_first: bool = True
-    ) -> AsyncGenerator[ResultMeta, None]:
+    async def _ready_metas(self, timeout: float | None) -> AsyncGenerator[ResultMeta, None]:
         """Yield each member's ready record once, in completion order."""
         cached = {r.id: r._meta for r in self.results if r._meta is not None}
         for meta in cached.values():
             yield meta
-        wanted = [r.id for r in self.results if r.id not in cached]
+        wanted = list(dict.fromkeys(r.id for r in self.results if r.id not in cached))
         if not wanted:
             return
         seen: set[str] = set()
-        updates = iter_updates(
-            self.backend, list(dict.fromkeys(wanted)), timeout, read_first=read_first
-        )
+        updates = iter_updates(self.backend, wanted, timeout, ready_only=True)
         async with aclosing(updates) as it:
             async for meta in it:
                 if meta.ready and meta.task_id not in seen:
                     seen.add(meta.task_id)
                     yield meta
 
+    @overload
+    async def join(
+        self, timeout: float | None = None, propagate: Literal[True] = True
+    ) -> list[T]: ...
+
+    @overload
+    async def join(
+        self, timeout: float | None = None, *, propagate: Literal[False]
+    ) -> list[T | BaseException]: ...
+
     async def join(self, timeout: float | None = None, propagate: bool = True) -> list[Any]:
         """Wait for every member; return their values in member order.
+
+        A finished set costs one batched read; the unfinished members are then
+        watched and read again (so nothing stored in between is missed).
 
         :param timeout: seconds for the whole set; None waits for ever, 0 checks once.
         :param propagate: raise the first failure as soon as it is seen (in
             completion order); if False, failures are returned as exceptions.
         :raises ResultTimeout: not every member was ready in time.
         """
-        by_id = {r.id: r for r in self.results}
+        deadline = _runtime.deadline_after(timeout)
         unread = [r for r in self.results if r._meta is None]
-        read_first = True
-        if unread and (timeout is None or timeout > 0):
-            read_first = False  # the unfinished members were just read
-            # One batched read first: a finished group needs nothing more.
-            started = anyio.current_time()
-            metas = await _read(self.backend, [r.id for r in unread], timeout, _deadline(timeout))
+        if unread:
+            # One batched read first: a finished set needs nothing more.
+            read = self.backend.get_many([r.id for r in unread])
+            try:
+                metas = await _runtime.within(read, deadline) if timeout else await read
+            except TimeoutError:
+                assert timeout is not None
+                raise ResultTimeout([r.id for r in unread], timeout) from None
             for result, meta in zip(unread, metas, strict=True):
                 result._remember(meta)
                 if propagate and meta.status in states.PROPAGATE_STATES:
                     value_of(meta, propagate=True)
-            if timeout is not None:
-                timeout = max(0.0, timeout - (anyio.current_time() - started))
-        async with aclosing(self._ready_metas(timeout, read_first)) as ready:
-            async for meta in ready:
-                by_id[meta.task_id]._remember(meta)
-                if propagate and meta.status in states.PROPAGATE_STATES:
-                    value_of(meta, propagate=True)
+        if any(r._meta is None for r in self.results):
+            if timeout == 0:
+                raise ResultTimeout([r.id for r in self.results if r._meta is None], 0)
+            remaining = None if deadline is None else deadline - _runtime.now()
+            by_id = {r.id: r for r in self.results}
+            try:
+                if remaining is not None and remaining <= 0:
+                    raise ResultTimeout([r.id for r in self.results if r._meta is None], 0)
+                async with aclosing(self._ready_metas(remaining)) as ready:
+                    async for meta in ready:
+                        by_id[meta.task_id]._remember(meta)
+                        if propagate and meta.status in states.PROPAGATE_STATES:
+                            value_of(meta, propagate=True)
+            except ResultTimeout as exc:
+                assert timeout is not None
+                raise ResultTimeout(exc.task_ids, timeout) from None
+            for result in self.results:  # duplicates of one id share its record
+                if result._meta is None:
+                    result._remember(by_id[result.id]._meta)  # type: ignore[arg-type]
         return [value_of(r._meta, propagate) for r in self.results if r._meta is not None]
 
     async def as_completed(
@@ -223,7 +248,7 @@ class GroupResult(ResultSet[T]):
         self,
         id: str,
         results: Iterable[AsyncResult[T]] = (),
-        backend: ResultBackend | None = None,
+        backend: ResultReader | None = None,
         *,
         parent: AsyncResult[Any] | None = None,
     ) -> None:
@@ -260,7 +285,7 @@ class GroupResult(ResultSet[T]):
         await self.backend.delete_group(self.id)
 
     @classmethod
-    async def restore(cls, id: str, backend: ResultBackend) -> GroupResult[Any] | None:
+    async def restore(cls, id: str, backend: ResultReader) -> GroupResult[Any] | None:
         """Rebuild a saved group, or return None if it was never saved or expired.
 
         :raises DecodeError: the saved group is not in Celery's format.
@@ -274,7 +299,7 @@ class GroupResult(ResultSet[T]):
         return group
 
 
-def result_from_tuple(data: Any, backend: ResultBackend) -> AsyncResult[Any] | GroupResult[Any]:
+def result_from_tuple(data: Any, backend: ResultReader) -> AsyncResult[Any] | GroupResult[Any]:
     """Rebuild an :class:`AsyncResult` or :class:`GroupResult` from Celery's tuple form.
 
     :raises DecodeError: ``data`` is not a result tuple.

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import datetime as dt
+import decimal
 import types
+import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -130,6 +133,34 @@ class ResultMeta:
         out["task_id"] = self.task_id
         return out
 
+    def to_json(self, *, traceback: bool = False) -> dict[str, Any]:
+        """A JSON-safe dict for web apps (what ``json.dumps`` and FastAPI accept).
+
+        ``{"task_id", "state", "ready", "successful", "result", "date_done"}``,
+        plus the meta fields that are set. A failure's ``result`` is
+        ``{"type", "module", "message", "args"}``; dates become ISO 8601 text,
+        UUIDs and decimals text, bytes text (or base64 when not UTF-8), sets
+        and tuples lists, and anything else its ``repr()``.
+
+        :param traceback: include the stored traceback text (off by default:
+            it can reveal server internals to the client).
+        """
+        out: dict[str, Any] = {
+            "task_id": self.task_id,
+            "state": self.status,
+            "ready": self.ready,
+            "successful": self.successful,
+            "result": _jsonable(self.result),
+            "date_done": self.date_done.isoformat() if self.date_done is not None else None,
+        }
+        if traceback:
+            out["traceback"] = self.traceback
+        for key in (*_OPTIONAL, *_EXTENDED):
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = _jsonable(value)
+        return out
+
     @classmethod
     def from_dict(
         cls,
@@ -216,3 +247,38 @@ def _comparable(meta: ResultMeta) -> tuple[Any, ...]:
         meta.queue,
         meta.extra,
     )
+
+
+def _jsonable(value: Any, depth: int = 0) -> Any:
+    """``value`` with everything JSON cannot carry turned into something it can."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return (
+            value if value == value and value not in (float("inf"), float("-inf")) else str(value)
+        )
+    if depth > 50:
+        return repr(value)
+    if isinstance(value, BaseException):
+        remote = getattr(type(value), "remote_type", None)
+        return {
+            "type": remote or type(value).__qualname__,
+            "module": getattr(type(value), "remote_module", None) or type(value).__module__,
+            "message": str(value),
+            "args": [_jsonable(a, depth + 1) for a in value.args],
+        }
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_jsonable(v, depth + 1) for v in value]
+    if isinstance(value, (dt.datetime, dt.date, dt.time)):
+        return value.isoformat()
+    if isinstance(value, (uuid.UUID, decimal.Decimal)):
+        return str(value)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        raw = bytes(value)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return base64.b64encode(raw).decode("ascii")
+    return repr(value)

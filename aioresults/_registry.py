@@ -37,14 +37,30 @@ def known_schemes() -> list[str]:
 
 
 def register_backend(
-    scheme: str, backend: str | type[BaseBackend], extra: str | None = None
+    scheme: str | type[BaseBackend],
+    backend: str | type[BaseBackend] | None = None,
+    extra: str | None = None,
 ) -> None:
-    """Make :func:`connect` serve ``scheme`` with ``backend``.
+    """Make :func:`connect` serve a URL scheme with a backend.
 
-    :param backend: the class, or ``"module:Class"`` to import on first use.
+    ``register_backend(MyBackend)`` registers every scheme in
+    ``MyBackend.schemes``; ``register_backend("myscheme", MyBackend)`` (or
+    ``"module:Class"``, imported on first use) registers one.
+
     :param extra: for an error message, the ``pip install`` argument that
         installs the backend's driver when importing it fails.
+    :raises ConfigurationError: a scheme is invalid, or a class names none.
     """
+    if not isinstance(scheme, str):
+        if backend is not None:
+            raise ConfigurationError("give the backend class alone, or a scheme and a backend")
+        if not scheme.schemes:
+            raise ConfigurationError(f"{scheme.__qualname__}.schemes names no URL scheme")
+        for name in scheme.schemes:
+            register_backend(name, scheme, extra)
+        return
+    if backend is None:
+        raise ConfigurationError(f"register_backend({scheme!r}) needs the backend")
     scheme = scheme.lower()
     if not scheme or "://" in scheme:
         raise ConfigurationError(f"invalid scheme {scheme!r}")

@@ -2,151 +2,111 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncGenerator, Awaitable, Generator, Sequence
+import warnings
+from collections.abc import AsyncGenerator, Generator, Sequence
 from contextlib import aclosing
-from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, overload
+from typing import Any, Generic, Literal, overload
 
-import anyio
-import sniffio
+from typing_extensions import TypeVar
 
-from . import states
+from . import _runtime, states
 from ._exceptions import RemoteTaskError, ResultTimeout
 from ._meta import ResultMeta
+from ._protocols import ResultReader, Watch
 
-if TYPE_CHECKING:
-    from .backends._waiters import Waiter
-    from .backends.base import ResultBackend
+__all__ = ["AsyncResult", "iter_updates", "wait_ready"]
 
-__all__ = ["AsyncResult", "iter_updates"]
-
-T = TypeVar("T")
-_T = TypeVar("_T")
-
-
-def _deadline(timeout: float | None) -> float | None:
-    if timeout is None:
-        return None
-    if timeout < 0:
-        raise ValueError("timeout must be None or >= 0")
-    return anyio.current_time() + timeout
-
-
-async def _within(
-    awaitable: Awaitable[_T], task_ids: Sequence[str], timeout: float | None, deadline: float | None
-) -> _T:
-    """Await ``awaitable`` before ``deadline``, else raise :class:`ResultTimeout`."""
-    if deadline is None:
-        return await awaitable
-    assert timeout is not None
-    if sniffio.current_async_library() == "asyncio":
-        # asyncio's own timeout keeps no per-task state, unlike a cancel scope.
-        scope = asyncio.timeout_at(deadline)
-        try:
-            async with scope:
-                return await awaitable
-        except TimeoutError:
-            if scope.expired():
-                raise ResultTimeout(task_ids, timeout) from None
-            raise
-    with anyio.move_on_after(deadline - anyio.current_time()):
-        return await awaitable
-    raise ResultTimeout(task_ids, timeout)
-
-
-async def _read(
-    backend: ResultBackend, task_ids: Sequence[str], timeout: float | None, deadline: float | None
-) -> list[ResultMeta]:
-    """The first read of a wait, bounded by its deadline (``timeout=0`` reads once)."""
-    if timeout == 0:
-        return await backend.get_many(task_ids)
-    return await _within(backend.get_many(task_ids), task_ids, timeout, deadline)
+T = TypeVar("T", default=Any)
 
 
 async def _enter(
-    waiter: Waiter, task_ids: Sequence[str], timeout: float | None, deadline: float | None
+    waiter: Watch, task_ids: Sequence[str], timeout: float | None, deadline: float | None
 ) -> None:
-    """Enter a waiter (watch, then read) within the deadline; leaving it is the caller's."""
-    await _within(waiter.__aenter__(), task_ids, timeout, deadline)
+    """Enter a waiter (the backend may connect first) within the deadline."""
+    if deadline is None:
+        await waiter.__aenter__()
+        return
+    try:
+        await _runtime.within(waiter.__aenter__(), deadline)
+    except TimeoutError:
+        assert timeout is not None
+        raise ResultTimeout(task_ids, timeout) from None
 
 
 async def iter_updates(
-    backend: ResultBackend,
+    backend: ResultReader,
     task_ids: Sequence[str],
     timeout: float | None = None,
     *,
-    read_first: bool = True,
+    ready_only: bool = False,
 ) -> AsyncGenerator[ResultMeta, None]:
     """Yield the current record of every id, then each change, until all are ready.
 
-    The store is read once first (unless ``read_first`` is False because the
-    caller just did); only ids that are not ready are then watched (registered
-    before being read again, so nothing stored in between is lost).
+    The ids are watched before they are read, so nothing stored in between is
+    lost. With ``ready_only``, ids that have no record yet are not yielded
+    until they get one.
 
     :raises ResultTimeout: ``timeout`` seconds passed before all were ready
         (``timeout=0`` reads once and never waits).
     :raises DecodeError: an id's stored payload is corrupt.
     """
-    deadline = _deadline(timeout)
-    pending = set()
-    if read_first:
-        for meta in await _read(backend, task_ids, timeout, deadline):
-            yield meta
-            if not meta.ready:
-                pending.add(meta.task_id)
-    else:
-        pending.update(task_ids)  # the caller has just read them: watch straight away
+    deadline = _runtime.deadline_after(timeout)
+    pending = set(task_ids)
     if not pending:
         return
-    if deadline is not None and anyio.current_time() >= deadline:
-        assert timeout is not None
-        raise ResultTimeout(sorted(pending), timeout)
-    waiter = backend.waiter(sorted(pending))
+    if timeout == 0:
+        for meta in await backend.get_many(list(dict.fromkeys(task_ids))):
+            if not ready_only or meta.status != states.PENDING:
+                yield meta
+            if meta.ready:
+                pending.discard(meta.task_id)
+        if pending:
+            raise ResultTimeout(sorted(pending), 0)
+        return
+    waiter = backend.waiter(sorted(pending), ready_only=ready_only)
     await _enter(waiter, sorted(pending), timeout, deadline)
     try:
         while pending:
-            got = await waiter.next(deadline)
-            if got is None:
-                assert timeout is not None
-                raise ResultTimeout(sorted(pending), timeout)
-            task_id, item = got
-            if isinstance(item, Exception):
-                raise item
-            yield item
-            if item.ready:
-                pending.discard(task_id)
+            record = waiter.take()
+            if record is None:
+                await waiter.arrival(deadline)
+                record = waiter.take()
+                if record is None:
+                    assert timeout is not None
+                    raise ResultTimeout(sorted(pending), timeout)
+            meta = record.meta()
+            yield meta
+            if meta.ready:
+                pending.discard(meta.task_id)
     finally:
         waiter.close()
 
 
-async def wait_ready(backend: ResultBackend, task_id: str, timeout: float | None) -> ResultMeta:
-    """Wait for one id's ready record; :func:`iter_updates` without the generator,
-    since one task may hold tens of thousands of these waits at once."""
-    deadline = _deadline(timeout)
-    meta = (await _read(backend, [task_id], timeout, deadline))[0]
-    if meta.ready:
-        return meta
-    del meta  # the hub keeps the record it reads next; don't hold two per waiter
-    if deadline is not None and anyio.current_time() >= deadline:
-        assert timeout is not None
-        raise ResultTimeout([task_id], timeout)
-    waiter = backend.waiter([task_id])
-    await _enter(waiter, [task_id], timeout, deadline)
+async def wait_ready(backend: ResultReader, task_id: str, timeout: float | None) -> ResultMeta:
+    """Wait for one id's ready record: :func:`iter_updates` without the generator,
+    since one process may hold tens of thousands of these waits at once."""
+    if timeout == 0:
+        meta = (await backend.get_many([task_id]))[0]
+        if meta.ready:
+            return meta
+        raise ResultTimeout([task_id], 0)
+    deadline = _runtime.deadline_after(timeout)
+    waiter = backend.waiter((task_id,), ready_only=True)
+    await _enter(waiter, (task_id,), timeout, deadline)
     try:
         while True:
-            got = waiter.take()
-            if got is None:
+            record = waiter.take()
+            if record is None:
                 await waiter.arrival(deadline)
-                got = waiter.take()
-            if got is None:
-                assert timeout is not None
-                raise ResultTimeout([task_id], timeout)
-            # Read through `got` only: it is reassigned before the next wait,
-            # so an unfinished record is not kept alive while waiting.
-            if isinstance(got[1], Exception):
-                raise got[1]
-            if got[1].ready:
-                return got[1]
+                record = waiter.take()
+                if record is None:
+                    assert timeout is not None
+                    raise ResultTimeout([task_id], timeout)
+            meta = record.meta()
+            if meta.ready:
+                return meta
+            # Not kept while waiting again: a process may hold thousands of waits.
+            del meta, record
     finally:
         waiter.close()
 
@@ -162,7 +122,7 @@ class AsyncResult(Generic[T]):
     __slots__ = ("_meta", "backend", "id", "parent")
 
     def __init__(
-        self, id: str, backend: ResultBackend, *, parent: AsyncResult[Any] | None = None
+        self, id: str, backend: ResultReader, *, parent: AsyncResult[Any] | None = None
     ) -> None:
         if not isinstance(id, str) or not id:
             raise ValueError("AsyncResult needs a task id")
@@ -230,7 +190,7 @@ class AsyncResult(Generic[T]):
 
     # ------------------------------------------------------------ waiting
 
-    async def wait(self, timeout: float | None = None) -> ResultMeta:
+    async def wait_ready(self, timeout: float | None = None) -> ResultMeta:
         """Wait until the task is ready and return its record; never raises its exception.
 
         :raises ResultTimeout: not ready within ``timeout`` seconds
@@ -239,6 +199,19 @@ class AsyncResult(Generic[T]):
         if self._meta is not None:
             return self._meta
         return self._remember(await wait_ready(self.backend, self.id, timeout))
+
+    async def wait(self, timeout: float | None = None) -> ResultMeta:
+        """Deprecated since 0.2: use :meth:`wait_ready` (same behaviour).
+
+        In Celery ``wait`` means ``get``; this name will follow Celery in 0.3.
+        """
+        warnings.warn(
+            "AsyncResult.wait() is renamed wait_ready(); in 0.3 wait() will mean get(), "
+            "as in Celery",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return await self.wait_ready(timeout)
 
     @overload
     async def get(self, timeout: float | None = None, propagate: Literal[True] = True) -> T: ...
@@ -256,19 +229,21 @@ class AsyncResult(Generic[T]):
             if False, return the exception instead.
         :raises ResultTimeout: not ready in time (also a :class:`TimeoutError`).
         """
-        # Not through wait(): one coroutine less per waiting task.
-        meta = self._meta or self._remember(await wait_ready(self.backend, self.id, timeout))
+        meta = self._meta
+        if meta is None:
+            meta = self._remember(await wait_ready(self.backend, self.id, timeout))
         return value_of(meta, propagate)
 
     async def watch(self, timeout: float | None = None) -> AsyncGenerator[ResultMeta, None]:
         """Yield the record now and at every state change, ending with the ready one.
 
         Progress updates (e.g. ``PROGRESS`` with a new meta) are changes too.
-        Stores that push the record itself (Redis, memory) deliver every
-        change; stores that only signal "something changed" (filesystem,
-        SQLite, Azure) deliver the latest record at each signal, so changes
-        written in quick succession may arrive as the last of them. The ready
-        record always arrives.
+        What each store delivers is listed in the backends' documentation:
+        stores that push every record (Redis, memory, AMQP, NATS) deliver every
+        change while connected; stores that signal or are polled deliver the
+        latest record at each signal or poll, so changes written in quick
+        succession may arrive as the last of them. The ready record always
+        arrives.
 
         :raises ResultTimeout: not ready within ``timeout`` seconds.
         """

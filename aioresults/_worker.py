@@ -1,6 +1,6 @@
 """The worker side: run a coroutine under a task id and store what happens to it.
 
-:meth:`BaseBackend.track() <aioresults.BaseBackend.track>` returns a
+:meth:`backend.track() <aioresults.BaseBackend.track>` returns a
 :class:`TaskTracker`, an async context manager that stores STARTED on entry,
 PROGRESS on :meth:`TaskTracker.progress`, and on exit SUCCESS (the value given
 to :meth:`TaskTracker.set_result`), FAILURE (the exception and its traceback)
@@ -9,7 +9,6 @@ or REVOKED (on cancellation). :func:`task` is the decorator form.
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 import functools
 import inspect
@@ -19,18 +18,15 @@ import traceback as traceback_module
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
+from typing import Any, Generic, ParamSpec, TypeVar
 
 import anyio
-import sniffio
 
-from . import states
+from . import _runtime, states
 from ._exceptions import ResultTooLarge, SerializationError, TaskRevokedError
+from ._protocols import ChordProgress, ResultWriter
 
-if TYPE_CHECKING:
-    from .backends.base import BaseBackend, ChordProgress
-
-__all__ = ["TaskTracker", "TrackedTask", "current_task", "task"]
+__all__ = ["TaskTracker", "TrackedTask", "WorkerMixin", "current_task", "task"]
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -91,7 +87,7 @@ class TaskTracker:
 
     def __init__(
         self,
-        backend: BaseBackend,
+        backend: ResultWriter,
         task_id: str,
         *,
         name: str | None = None,
@@ -184,21 +180,7 @@ class TaskTracker:
             traceback = "".join(traceback_module.format_exception(exc_type, exc, tb))
         # A cancelled task must still leave its final state behind, and a
         # cancellation arriving during the store must not cut it short.
-        if sniffio.current_async_library() == "asyncio":
-            # anyio's shield does not stop a plain asyncio task.cancel().
-            finish = asyncio.ensure_future(self._finish(state, value, traceback))
-            cancelled = False
-            while not finish.done():
-                try:
-                    await asyncio.shield(finish)
-                except asyncio.CancelledError:
-                    cancelled = True
-            finish.result()
-            if cancelled:
-                raise asyncio.CancelledError
-        else:
-            with anyio.CancelScope(shield=True):
-                await self._finish(state, value, traceback)
+        await _runtime.shielded(self._finish(state, value, traceback))
 
     async def _finish(self, state: str, value: Any, traceback: str | None) -> None:
         try:
@@ -223,7 +205,7 @@ class TaskTracker:
 
 
 class TrackedTask(Generic[P, T]):
-    """An async function whose every call runs under :meth:`BaseBackend.track`.
+    """An async function whose every call runs under :meth:`~aioresults.BaseBackend.track`.
 
     Made by :func:`task`. ``await f(*args, task_id="...", **kwargs)`` runs the
     function, stores its states and result under ``task_id`` (a new uuid4
@@ -241,7 +223,7 @@ class TrackedTask(Generic[P, T]):
 
     def __init__(
         self,
-        backend: BaseBackend,
+        backend: ResultWriter,
         fn: Callable[P, Awaitable[T]],
         *,
         name: str | None = None,
@@ -285,7 +267,7 @@ class TrackedTask(Generic[P, T]):
 
 
 def task(
-    backend: BaseBackend,
+    backend: ResultWriter,
     *,
     name: str | None = None,
     report_worker: bool = False,
@@ -317,3 +299,89 @@ def task(
         )
 
     return decorate
+
+
+class WorkerMixin:
+    """The worker side of every backend, in terms of ``store_result``."""
+
+    async def store_result(
+        self,
+        task_id: str,
+        result: Any,
+        state: str,
+        *,
+        traceback: str | None = None,
+        **fields: Any,
+    ) -> bool:
+        raise NotImplementedError  # pragma: no cover - BaseBackend implements it
+
+    async def mark_as_started(
+        self, task_id: str, meta: dict[str, Any] | None = None, **fields: Any
+    ) -> bool:
+        """Store STARTED; ``meta`` (e.g. ``{"pid": ..., "hostname": ...}``) is the result."""
+        return await self.store_result(task_id, meta, states.STARTED, **fields)
+
+    async def update_state(self, task_id: str, state: str, meta: Any = None, **fields: Any) -> bool:
+        """Store any state (e.g. ``"PROGRESS"``) with ``meta`` as its result."""
+        return await self.store_result(task_id, meta, state, **fields)
+
+    async def mark_as_done(self, task_id: str, result: Any, **fields: Any) -> bool:
+        """Store SUCCESS with ``result``."""
+        return await self.store_result(task_id, result, states.SUCCESS, **fields)
+
+    async def mark_as_failure(
+        self, task_id: str, exc: BaseException, traceback: str | None = None, **fields: Any
+    ) -> bool:
+        """Store FAILURE with ``exc``; the traceback defaults to the exception's own."""
+        return await self.store_result(
+            task_id, exc, states.FAILURE, traceback=traceback or _format_tb(exc), **fields
+        )
+
+    async def mark_as_retry(
+        self, task_id: str, exc: BaseException, traceback: str | None = None, **fields: Any
+    ) -> bool:
+        """Store RETRY with ``exc`` (not ready: waiters keep waiting)."""
+        return await self.store_result(
+            task_id, exc, states.RETRY, traceback=traceback or _format_tb(exc), **fields
+        )
+
+    async def mark_as_revoked(self, task_id: str, reason: str = "", **fields: Any) -> bool:
+        """Store REVOKED with a :class:`~aioresults.TaskRevokedError`."""
+        return await self.store_result(task_id, TaskRevokedError(reason), states.REVOKED, **fields)
+
+    def track(
+        self,
+        task_id: str,
+        *,
+        name: str | None = None,
+        args: Any = None,
+        kwargs: Any = None,
+        group_id: str | None = None,
+        chord: str | None = None,
+        index: int | None = None,
+        report_worker: bool = False,
+        worker: str | None = None,
+    ) -> TaskTracker:
+        """Track one run of a task: ``async with backend.track(task_id) as task:``.
+
+        Stores STARTED on entry, then SUCCESS, FAILURE or REVOKED on exit; see
+        :class:`~aioresults.TaskTracker` for the parameters.
+        """
+        return TaskTracker(
+            self,  # type: ignore[arg-type]  # a BaseBackend, which is a ResultWriter
+            task_id,
+            name=name,
+            args=args,
+            kwargs=kwargs,
+            group_id=group_id,
+            chord=chord,
+            index=index,
+            report_worker=report_worker,
+            worker=worker,
+        )
+
+
+def _format_tb(exc: BaseException) -> str | None:
+    if exc.__traceback__ is None:
+        return None
+    return "".join(traceback_module.format_exception(type(exc), exc, exc.__traceback__))

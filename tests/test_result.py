@@ -78,7 +78,7 @@ async def test_breaking_out_of_watch_unregisters(backend: MemoryBackend) -> None
     async for _meta in ar.AsyncResult("b", backend).watch():
         break
     await asyncio.sleep(0)
-    assert len(backend.hub) == 0
+    assert backend.wait_stats().waiters == 0
 
 
 async def test_hub_holds_nothing_after_1000_cancelled_or_timed_out_waits(
@@ -92,14 +92,13 @@ async def test_hub_holds_nothing_after_1000_cancelled_or_timed_out_waits(
             for i in range(1000)
         ]
         with anyio.fail_after(10):
-            while len(backend.hub) < 500:
+            while backend.wait_stats().waiters < 500:
                 await asyncio.sleep(0.01)
         for task in tasks[1::2]:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        assert len(backend.hub) == 0
-        assert backend.hub.watched_ids() == []
-        assert not backend.hub._last and not backend.hub._versions
+        assert backend.wait_stats().waiters == 0
+        assert list(backend.wait_stats().watched_ids) == []
 
 
 async def test_result_set_membership(backend: MemoryBackend) -> None:
@@ -180,13 +179,13 @@ async def test_closing_the_backend_ends_pending_waits() -> None:
     waiting = asyncio.create_task(ar.AsyncResult("never", backend).get())
     watching = asyncio.create_task(ar.ResultSet([ar.AsyncResult("n2", backend)]).join())
     with anyio.fail_after(5):
-        while len(backend.hub) < 2:
+        while backend.wait_stats().waiters < 2:
             await asyncio.sleep(0.01)
     await backend.aclose()
     for task in (waiting, watching):
         with pytest.raises(ar.BackendError, match="closed"):
             await task
-    assert len(backend.hub) == 0
+    assert backend.wait_stats().waiters == 0
     with pytest.raises(ar.BackendError):
         await ar.AsyncResult("late", backend).get(timeout=1)
 
@@ -201,7 +200,7 @@ async def test_timeout_covers_a_slow_watch() -> None:
         with pytest.raises(ar.ResultTimeout):
             await ar.AsyncResult("slow", backend).get(timeout=0.2)
         assert anyio.current_time() - started < 1
-        assert len(backend.hub) == 0 and backend.hub.watched_ids() == []
+        assert backend.wait_stats().waiters == 0 and list(backend.wait_stats().watched_ids) == []
 
 
 async def test_a_record_under_another_id_is_refused(backend: MemoryBackend) -> None:

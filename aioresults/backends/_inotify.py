@@ -1,4 +1,5 @@
-"""A minimal asynchronous inotify reader (Linux), through ctypes and the stdlib.
+"""A minimal asynchronous inotify reader (Linux), through ctypes and the stdlib,
+and the signal feed built on it.
 
 Used by the filesystem and SQLite backends to wake waiters when a file in a
 directory changes, without polling. :func:`available` says whether the
@@ -13,9 +14,12 @@ import errno
 import os
 import struct
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import anyio
+
+from ._feeds import Feed, FeedGone
 
 __all__ = [
     "IN_CLOSE_WRITE",
@@ -25,6 +29,7 @@ __all__ = [
     "IN_MOVED_TO",
     "IN_Q_OVERFLOW",
     "Inotify",
+    "InotifyFeed",
     "available",
 ]
 
@@ -35,6 +40,7 @@ IN_MOVED_TO = 0x00000080
 IN_CREATE = 0x00000100
 IN_DELETE = 0x00000200
 IN_Q_OVERFLOW = 0x00004000
+IN_IGNORED = 0x00008000  # the watch is gone (directory deleted or unmounted)
 _IN_NONBLOCK = os.O_NONBLOCK
 _IN_CLOEXEC = os.O_CLOEXEC
 _EVENT = struct.Struct("iIII")
@@ -107,3 +113,87 @@ class Inotify:
         if self.fd >= 0:
             fd, self.fd = self.fd, -1
             os.close(fd)
+
+
+class InotifyFeed(Feed):
+    """A signal feed: one inotify watch on a directory.
+
+    :param directory: the directory to watch.
+    :param mask: the events to watch for.
+    :param changed: maps a file name to the ids it may have changed: a list
+        (empty for none), or None for "any watched id".
+    :param settle: after a burst of events, signal once more when it has been
+        quiet this long (a write may be seen before it is visible to readers).
+
+    While no id is watched it takes no events (they wait in the kernel, which
+    merges repeats), so an idle process does no work at all.
+    """
+
+    kind = "signal"
+
+    def __init__(
+        self,
+        directory: str,
+        mask: int,
+        changed: Callable[[str], list[str] | None],
+        *,
+        settle: float | None = None,
+    ) -> None:
+        self.directory = directory
+        self.mask = mask
+        self._changed = changed
+        self._settle = settle
+
+    def describe(self) -> str:
+        return "inotify"
+
+    async def session(self) -> None:
+        try:
+            ino = Inotify()
+        except OSError as exc:  # out of inotify instances, or none here
+            raise FeedGone(f"cannot use inotify ({exc})") from exc
+        try:
+            try:
+                ino.add_watch(self.directory, self.mask)
+            except OSError as exc:
+                if exc.errno == errno.ENOENT:
+                    raise  # the directory is gone for now: try again later
+                raise FeedGone(f"cannot watch {self.directory} ({exc.strerror or exc})") from exc
+            self.resynced()
+            pending = False
+            while True:
+                if not self.hub.watched:
+                    pending = False
+                    await self.hub.wait_watched()
+                events: list[tuple[int, int, str]] | None = None
+                if pending and self._settle:
+                    with anyio.move_on_after(self._settle):
+                        events = await ino.read()
+                    if events is None:
+                        pending = False
+                        self.hub.changed(None)
+                        continue
+                else:
+                    events = await ino.read()
+                every = False
+                ids: list[str] = []
+                for _wd, mask, name in events:
+                    if mask & IN_Q_OVERFLOW:
+                        every = True  # events were dropped: anything may have changed
+                    elif mask & IN_IGNORED:
+                        raise ConnectionError(f"the inotify watch on {self.directory} is gone")
+                    else:
+                        found = self._changed(name)
+                        if found is None:
+                            every = True
+                        else:
+                            ids.extend(i for i in found if i in self.hub.watched)
+                if every:
+                    self.hub.changed(None)
+                elif ids:
+                    self.hub.changed(ids)
+                else:
+                    continue
+                pending = True
+        finally:
+            ino.close()

@@ -18,7 +18,8 @@ from azure.storage.blob.aio import BlobServiceClient
 
 import aioresults as ar
 from aioresults import states
-from aioresults.backends.azure_blob import EXPIRES_KEY, AzureBlockBlobBackend
+from aioresults.backends.azure_blob import AzureBlockBlobBackend
+from aioresults.backends.azure_blob._client import EXPIRES_KEY
 from tests.azurite import ACCOUNT_KEY, ACCOUNT_NAME, Azurite, free_port
 from tests.plugins.azure import AzureFactory
 
@@ -190,7 +191,7 @@ async def test_unchanged_blobs_are_polled_with_304(make_azure_backend: AzureFact
             seen.append(meta.result)
 
     watcher = asyncio.create_task(watch())
-    await until(lambda: reader.hub.watched_ids() == [task_id])
+    await until(lambda: list(reader.wait_stats().watched_ids) == [task_id])
     await until(lambda: reader.stats["not_modified"] >= 1)
     before = dict(reader.stats)
     await asyncio.sleep(0.3)
@@ -201,7 +202,7 @@ async def test_unchanged_blobs_are_polled_with_304(make_azure_backend: AzureFact
     await writer.mark_as_done(task_id, "end")
     await asyncio.wait_for(watcher, 20)
     assert seen[0] == {"done": 1} and seen[-1] == "end"
-    assert reader.hub.watched_ids() == [] and reader._watched == {}
+    assert list(reader.wait_stats().watched_ids) == [] and reader._watched == {}
 
 
 async def test_polling_backs_off_while_nothing_changes(make_azure_backend: AzureFactory) -> None:
@@ -215,7 +216,7 @@ async def test_polling_backs_off_while_nothing_changes(make_azure_backend: Azure
         asyncio.create_task(ar.AsyncResult(task_id, reader).get(timeout=20))
         for task_id in (missing, retrying)
     ]
-    await until(lambda: len(reader.hub) == 2)
+    await until(lambda: reader.wait_stats().waiters == 2)
     start = reader.stats["requests"]
     await asyncio.sleep(0.6)
     early = reader.stats["requests"] - start
@@ -247,7 +248,7 @@ async def test_many_waiters_share_one_poller(
     await asyncio.gather(*(writer.mark_as_started(t) for t in ids[:20]))
     waits = [asyncio.create_task(ar.AsyncResult(i, reader).get(timeout=20)) for i in ids]
     known = [reader.task_key(t) for t in ids[:20]]
-    await until(lambda: len(reader.hub) == 40 and all(reader._watched.get(k) for k in known))
+    await until(lambda: reader.wait_stats().waiters == 40 and all(reader._watched.get(k) for k in known))
     # Let the polls that began before those ETags were known end.
     start = dict(reader.stats)
     if list_threshold:
@@ -278,7 +279,7 @@ async def test_a_large_container_is_not_listed_again(make_azure_backend: AzureFa
     await asyncio.gather(*(writer.mark_as_done(new_id(), i) for i in range(100)))
     ids = [new_id() for _ in range(20)]
     waits = [asyncio.create_task(ar.AsyncResult(i, reader).get(timeout=20)) for i in ids]
-    await until(lambda: len(reader.hub) == 20)
+    await until(lambda: reader.wait_stats().waiters == 20)
     # 100 blobs are more than twice 20 reads: after one try, polls GET each blob.
     listings = reader.stats["listings"]
     requests = reader.stats["requests"]
@@ -305,7 +306,7 @@ async def test_restarting_azurite_loses_no_result() -> None:
             await writer.mark_as_started(ids[0])
             waits = [asyncio.create_task(ar.AsyncResult(i, reader).get(timeout=40)) for i in ids]
             # Registered, and their first read done: only the poller reads now.
-            await until(lambda: len(reader.hub) == 20 and not reader.hub._to_read)
+            await until(lambda: reader.wait_stats().waiters == 20 and not reader.wait_stats().unsettled)
             await anyio.to_thread.run_sync(server.stop)
             await asyncio.sleep(0.5)  # polls fail meanwhile
             with pytest.raises(ar.BackendUnavailable):
@@ -316,7 +317,7 @@ async def test_restarting_azurite_loses_no_result() -> None:
             for i, task_id in enumerate(ids):
                 assert await writer.mark_as_done(task_id, i)
             assert await asyncio.gather(*waits) == list(range(20))
-            assert len(reader.hub) == 0
+            assert reader.wait_stats().waiters == 0
 
 
 # ------------------------------------------------------------------ errors

@@ -122,7 +122,7 @@ async def test_celery_writes_and_aioresults_waits(
     ]
 
     async def watched() -> bool:
-        return set(backend.hub.watched_ids()) == {done, failed}
+        return set(list(backend.wait_stats().watched_ids)) == {done, failed}
 
     await until(watched)
     await asyncio.to_thread(celery_app.backend.store_result, done, [1, "two"], states.SUCCESS)
@@ -230,7 +230,7 @@ async def test_one_pubsub_connection_and_one_subscribe_for_1000_waiters(
     first = asyncio.create_task(ar.AsyncResult(warm, reader).get(timeout=10))
 
     async def warmed_up() -> bool:
-        return reader.hub.watched_ids() == [warm] and reader._subscriber.connections > 0
+        return list(reader.wait_stats().watched_ids) == [warm] and reader._subscriber.connections > 0
 
     await until(warmed_up)
     subscribes, mgets = await calls(raw, "subscribe"), await calls(raw, "mget")
@@ -245,7 +245,7 @@ async def test_one_pubsub_connection_and_one_subscribe_for_1000_waiters(
     for i, task_id in enumerate([warm, *ids]):
         await writer.mark_as_done(task_id, i)
     assert await asyncio.gather(first, *waits) == list(range(1001))
-    assert len(reader.hub) == 0
+    assert reader.wait_stats().waiters == 0
 
 
 async def test_a_wait_longer_than_the_socket_timeout(make: BackendFactory) -> None:

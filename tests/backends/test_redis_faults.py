@@ -90,7 +90,7 @@ async def test_waiters_survive_a_server_restart(
         await writer.mark_as_done(task_id, n)
     assert await asyncio.gather(*waits) == list(range(1000))
     assert reader._subscriber.connections >= 2
-    assert len(reader.hub) == 0
+    assert reader.wait_stats().waiters == 0
 
 
 async def test_a_waiter_entering_during_an_outage_recovers(
@@ -174,7 +174,7 @@ async def test_timed_out_and_cancelled_waiters_leave_no_subscription(
     outcomes = await asyncio.gather(*timing_out, *cancelled, *early, return_exceptions=True)
     assert all(isinstance(o, ar.ResultTimeout) for o in outcomes[:5000])
     assert all(isinstance(o, asyncio.CancelledError) for o in outcomes[5000:])
-    assert len(reader.hub) == 0
+    assert reader.wait_stats().waiters == 0
 
     async def no_channels() -> bool:
         return await raw.pubsub_channels("celery-task-meta-*") == []
@@ -207,4 +207,4 @@ async def test_a_corrupt_payload_fails_only_its_own_waiters(
             await waiting
     assert await asyncio.gather(*good_waits) == list(range(100))
     assert (await reader.get_meta(good[0])).status == states.SUCCESS
-    assert len(reader.hub) == 0
+    assert reader.wait_stats().waiters == 0

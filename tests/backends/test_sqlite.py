@@ -365,7 +365,7 @@ async def test_waiter_wakes_on_write_by_another_process(
     group: ar.ResultSet[Any] = ar.ResultSet([ar.AsyncResult(i, backend) for i in ids])
     joined = asyncio.create_task(group.join(timeout=30))
     with anyio.fail_after(10):
-        while len(backend.hub.watched_ids()) < 3:
+        while len(list(backend.wait_stats().watched_ids)) < 3:
             await asyncio.sleep(0.01)
     await anyio.run_process(python(WRITER, str(db_path), *ids), env=child_env())
     assert await joined == [f"from {i}" for i in ids]
@@ -387,7 +387,7 @@ async def test_own_commits_wake_nothing_until_someone_waits(
     task_id = new_id()
     waiting = asyncio.create_task(ar.AsyncResult(task_id, backend).get(timeout=30))
     with anyio.fail_after(10):
-        while not backend.hub.watched_ids():
+        while not list(backend.wait_stats().watched_ids):
             await asyncio.sleep(0.01)
     await anyio.run_process(python(WRITER, str(db_path), task_id), env=child_env())
     assert await waiting == f"from {task_id}"
@@ -401,7 +401,7 @@ async def test_idle_waiter_reads_nothing(make: BackendFactory) -> None:
         ar.AsyncResult(new_id(), backend).get(timeout=30)
     )
     with anyio.fail_after(10):
-        while not backend.hub.watched_ids():
+        while not list(backend.wait_stats().watched_ids):
             await asyncio.sleep(0.01)
     await asyncio.sleep(0.3)
     assert backend.stats["refreshes"] == 0 and backend.stats["file_events"] == 0

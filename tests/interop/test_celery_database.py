@@ -102,7 +102,7 @@ async def test_aioresults_waiter_wakes_on_celery_write(
         ar.AsyncResult(task_id, backend).get(timeout=10)
     )
     with anyio.fail_after(10):
-        while not backend.hub.watched_ids():
+        while not list(backend.wait_stats().watched_ids):
             await asyncio.sleep(0.01)
     await in_thread(lambda: app.backend.store_result(task_id, "from celery", states.SUCCESS))
     assert await waiting == "from celery"

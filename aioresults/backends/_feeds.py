@@ -1,0 +1,205 @@
+"""How a store tells the waiter hub about changes, and the loops the hub runs for it.
+
+A backend declares one of three ways (see :meth:`BaseBackend._feed
+<aioresults.BaseBackend._feed>`):
+
+* **push**: the store delivers the new record itself (Redis pub/sub, AMQP,
+  NATS KV watch, memory). The feed hands records to :meth:`WaiterHub.deliver
+  <aioresults.backends._hub.WaiterHub.deliver>` as they arrive.
+* **signal**: the store says "these ids, or anything, may have changed"
+  (inotify on files and SQLite, PostgreSQL NOTIFY). The feed calls
+  :meth:`WaiterHub.changed`; the hub re-reads those ids in one batch.
+* **poll**: the store says nothing (no feed). The hub's one poller re-reads
+  every watched id in one batch, with back-off while nothing changes.
+
+The hub owns the loop around a feed: it runs one session after another with
+back-off between them, and after a session that follows a lost one it re-reads
+every watched id *once the feed has re-established its watches* (the feed calls
+:meth:`WaiterHub.resynced` for that), so nothing stored while the feed was away
+is lost. It backs off between
+attempts, falls back to polling when the feed is gone for good
+(:class:`FeedGone`), and runs the poller beside a feed that misses some
+writers (``poll_too``). Backends on one store in one process also wake each
+other's waiters after a write (:func:`wake_siblings`).
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import anyio
+
+from ._support import Backoff
+
+if TYPE_CHECKING:
+    from ._hub import WaiterHub
+
+__all__ = ["Feed", "FeedGone", "run_feed", "run_poller", "wake_siblings"]
+
+logger = logging.getLogger("aioresults.backends")
+
+
+class FeedGone(Exception):
+    """Raised by a feed that can never work again here (an inotify watch removed,
+    notifications not permitted): the hub polls instead from then on."""
+
+
+class Feed(ABC):
+    """What a backend supplies when its store can tell about changes.
+
+    A feed keeps the store's own watches (channels subscribed, files watched)
+    through :meth:`watch` and :meth:`unwatch`, and runs one session at a time
+    in :meth:`session`; the hub runs the loop around it. During a session it
+    tells what happens, synchronously (from a protocol's ``data_received``
+    even): :meth:`resynced` once its watches are in place, then
+    :meth:`WaiterHub.changed` (signal) or :meth:`WaiterHub.deliver` (push).
+    """
+
+    #: ``"push"`` (records arrive through :meth:`WaiterHub.deliver`) or
+    #: ``"signal"`` (ids to re-read arrive through :meth:`WaiterHub.changed`).
+    kind: ClassVar[Literal["push", "signal"]]
+    #: Run the hub's poller beside this feed: some writers are not seen by it
+    #: (e.g. NOTIFY without the trigger, for writers that do not notify).
+    poll_too: bool = False
+
+    hub: WaiterHub
+    _up: anyio.Event | None = None
+    _is_up = False
+
+    def bind(self, hub: WaiterHub) -> None:
+        """Called once by the hub that runs this feed."""
+        self.hub = hub
+
+    async def watch(self, task_ids: Sequence[str]) -> None:
+        """Start watching ``task_ids``; return once the store will report their
+        changes (the hub reads them only then). A watch that cannot be set up raises.
+
+        By default: wait until a session is up (it watches everything at once).
+        """
+        while not self._is_up:
+            if self._up is None:
+                self._up = anyio.Event()
+            await self._up.wait()
+
+    def unwatch(self, task_ids: Sequence[str]) -> None:  # noqa: B027 - optional hook
+        """Stop watching ids no waiter waits for any more; must not block."""
+
+    #: Sessions whose watches were set up, so far.
+    sessions = 0
+
+    def set_up(self, up: bool) -> None:
+        """Whether a session has its watches in place (see :meth:`watch`)."""
+        self._is_up = up
+        if up and self._up is not None:
+            self._up.set()
+            self._up = None
+
+    def resynced(self) -> None:
+        """Called by :meth:`session` once its watches are in place: after a
+        session that followed a lost one, the hub re-reads :meth:`resync_ids`."""
+        self.sessions += 1
+        self.set_up(True)
+        self.hub.resynced(self)
+
+    def sessions_by_node(self) -> dict[str, int]:
+        """Sessions per node, for a feed that has several (a cluster's masters)."""
+        return {}
+
+    def resync_ids(self) -> Sequence[str] | None:
+        """The ids to re-read after a reconnect (None: every watched id)."""
+        return None
+
+    @abstractmethod
+    async def session(self) -> None:
+        """One session: connect, set up every current watch, call
+        :meth:`resynced`, then report changes until the connection is lost,
+        which it raises (:class:`FeedGone` if it can never work here)."""
+
+    def describe(self) -> str:
+        """How waits are served, for :meth:`~aioresults.BaseBackend.wait_stats`."""
+        return self.kind
+
+
+async def run_feed(hub: WaiterHub, feed: Feed) -> None:
+    """The loop around ``feed``: sessions, with back-off between them."""
+    backoff = Backoff(0.05, 1.0)
+    while True:
+        sessions = feed.sessions
+        try:
+            await feed.session()
+            raise ConnectionError("the feed's session ended")
+        except FeedGone as exc:
+            logger.warning("%s: %s; polling from now on", hub, exc)
+            hub.fall_back_to_polling()
+            feed.set_up(True)  # the poller serves every watch from now on
+            return
+        except Exception as exc:
+            feed.set_up(False)
+            hub.feed_failures += 1
+            if feed.sessions != sessions:
+                backoff.reset()
+            if feed.sessions != sessions or backoff.attempts == 0:
+                logger.warning("%s: the feed failed (%s); reconnecting", hub, exc)
+        await backoff.sleep()
+
+
+async def run_poller(hub: WaiterHub, min_interval: float, max_interval: float) -> None:
+    """Poll every watched id, starting at ``min_interval`` and doubling up to
+    ``max_interval`` while nothing changes; a change or a new waiter resets it.
+
+    A read error is logged and polling goes on. With no waiter, nothing is read.
+    """
+    interval = min_interval
+    seen = hub.registrations
+    while True:
+        await hub.wait_watched()
+        try:
+            changed = await hub.refresh()
+        except Exception as exc:
+            logger.warning("%s: polling %d results failed: %s", hub, len(hub.watched), exc)
+            changed = 0
+        hub.polls += 1
+        if changed or hub.registrations != seen:
+            interval = min_interval
+        else:
+            interval = min(interval * 2, max_interval)
+        seen = hub.registrations
+        # A waiter arriving during a long pause cuts it short: its result may be
+        # stored right after its first read.
+        if await hub.wait_registration(interval):
+            await anyio.sleep(min_interval)
+
+
+# ---------------------------------------------------------------- siblings
+
+_siblings: dict[object, weakref.WeakSet[WaiterHub]] = {}
+
+
+def join_siblings(key: object, hub: WaiterHub) -> None:
+    """Register ``hub`` as one of the hubs on the store named by ``key``."""
+    _siblings.setdefault(key, weakref.WeakSet()).add(hub)
+
+
+def leave_siblings(key: object, hub: WaiterHub) -> None:
+    hubs = _siblings.get(key)
+    if hubs is not None:
+        hubs.discard(hub)
+        if not hubs:
+            del _siblings[key]
+
+
+def wake_siblings(key: object, task_ids: Sequence[str], raws: Sequence[Any] | None = None) -> None:
+    """After a write to the store named by ``key``, wake the waiters of every hub
+    on it in this process: with the written records (``raws``), or by a re-read."""
+    for hub in list(_siblings.get(key, ())):
+        if raws is not None:
+            for task_id, raw in zip(task_ids, raws, strict=True):
+                hub.deliver(task_id, raw)
+        else:
+            wanted = [t for t in task_ids if t in hub.watched]
+            if wanted:
+                hub.refresh_soon(wanted)

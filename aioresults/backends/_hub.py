@@ -1,0 +1,590 @@
+"""The waiter hub: one per backend, routing stored records to waiting tasks.
+
+A waiter registers *before* the store is read, so a record stored between the
+read and the wake-up is never missed. Waiters that register in the same
+event-loop iteration are settled in one batch by one background task: one
+watch call (one SUBSCRIBE on Redis) and one read (one MGET) for all of them.
+Many waiters on one id share one watch; the last one to leave, by any route
+(result, timeout, cancellation), ends it, and nothing of it stays behind.
+
+The hub also owns the loops that feed it (see :mod:`._feeds`): the feed's
+sessions with their re-reads after a reconnect, or the batched poller. It
+remembers the last record seen per watched id, so the same payload read twice
+is not a change, and hands each change to the waiters as one shared
+:class:`~aioresults._protocols.Record`, decoded by whoever looks at it first.
+
+On asyncio a waiter is a bare future, and deadlines live in one heap with one
+loop timer for the earliest, instead of a timeout scope per waiter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+from collections.abc import Awaitable, Callable, Collection, Generator, Iterable, Sequence
+from types import TracebackType
+from typing import Any, Protocol
+
+import anyio
+
+from .. import _runtime
+from .._meta import ResultMeta
+from .._protocols import Record
+from ._feeds import Feed, run_feed, run_poller
+from ._support import Backoff
+
+__all__ = ["HubSource", "Waiter", "WaiterHub"]
+
+logger = logging.getLogger("aioresults.backends")
+
+
+class HubSource(Protocol):
+    """What the hub needs from its backend."""
+
+    poll_interval: float
+    max_poll_interval: float
+
+    async def _read_raw(self, task_ids: Sequence[str]) -> Sequence[Any]: ...
+
+    def _decode(self, task_id: str, raw: Any) -> ResultMeta: ...
+
+    def _unwatched(self, task_ids: Sequence[str]) -> None: ...
+
+    def _start_task(self, func: Callable[..., Awaitable[Any]], *args: Any, name: str) -> None: ...
+
+
+class _Done:
+    """An awaitable that is already done."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return (yield from ())
+
+
+_DONE = _Done()
+
+
+class Waiter:
+    """One task's watch on some ids; an async context manager (see
+    :class:`~aioresults._protocols.Watch`)."""
+
+    # Kept small: a process may hold tens of thousands of these.
+    __slots__ = ("_deadline", "_hub", "_items", "_opener", "_wake", "ids", "ready_only")
+
+    def __init__(
+        self,
+        hub: WaiterHub,
+        ids: Iterable[str],
+        *,
+        ready_only: bool = False,
+        opener: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        self.ids = tuple(dict.fromkeys(ids))
+        #: Records of no state (PENDING) are not delivered: the caller waits for the end.
+        self.ready_only = ready_only
+        self._hub = hub
+        self._opener = opener
+        self._items: list[Record] | None = None
+        self._wake: asyncio.Future[None] | anyio.Event | None = None
+        self._deadline: list[Any] | None = None
+
+    async def __aenter__(self) -> Waiter:
+        if self._opener is not None:
+            await self._opener()
+        self._hub._add(self)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Unregister; idempotent, never blocks."""
+        self._hub._remove(self)
+        if self._deadline is not None:
+            self._hub._drop_deadline(self._deadline)
+            self._deadline = None
+
+    def _put(self, record: Record) -> None:
+        if self._items is None:
+            self._items = [record]
+        else:
+            self._items.append(record)
+        wake, self._wake = self._wake, None
+        if wake is None:
+            return
+        if type(wake) is anyio.Event:
+            wake.set()
+            return
+        if self._deadline is not None:
+            self._hub._drop_deadline(self._deadline)
+            self._deadline = None
+        if not wake.done():  # type: ignore[union-attr]
+            wake.set_result(None)  # type: ignore[union-attr]
+
+    def pending(self) -> bool:
+        """Whether a record is waiting to be taken."""
+        return bool(self._items)
+
+    def take(self) -> Record | None:
+        """The next record if one has arrived, else None."""
+        items = self._items
+        if not items:
+            return None
+        return items.pop(0)
+
+    def arrival(self, deadline: float | None = None) -> Awaitable[None]:
+        """Ends when a record arrives or at ``deadline`` (loop time); then
+        :meth:`take` tells which."""
+        if self._items:
+            return _DONE
+        loop = _runtime._get_running_loop()
+        if loop is None:
+            return self._wait_anyio(deadline)
+        future: asyncio.Future[None] = loop.create_future()
+        self._wake = future
+        if deadline is not None:
+            if self._deadline is not None:
+                self._hub._drop_deadline(self._deadline)
+            self._deadline = self._hub._add_deadline(deadline, future)
+        return future
+
+    async def next(self, deadline: float | None = None) -> Record | None:
+        """Wait for and return the next record; None once ``deadline`` has passed."""
+        if not self._items:
+            await self.arrival(deadline)
+        return self.take()
+
+    async def _wait_anyio(self, deadline: float | None) -> None:
+        event = self._wake = anyio.Event()
+        delay = float("inf") if deadline is None else deadline - _runtime.now()
+        try:
+            with anyio.move_on_after(delay):
+                await event.wait()
+        finally:
+            self._wake = None
+
+
+class WaiterHub:
+    """Routes records to waiters and runs the loops that feed it; see the module docstring."""
+
+    def __init__(self, source: HubSource, feed: Feed | None, name: str) -> None:
+        self._source = source
+        self.feed = feed
+        self._name = name
+        if feed is not None:
+            feed.bind(self)
+        #: Waiters by watched id: usually one (kept bare), a list when there are more.
+        self.watched: dict[str, Waiter | list[Waiter]] = {}
+        # The last record seen per id (ids with no record have none), and a count
+        # of changes per id, so a slow read never overwrites a newer record.
+        self._last: dict[str, Record] = {}
+        self._versions: dict[str, int] = {}
+        self._to_watch: set[str] = set()
+        self._in_flight: set[str] = set()
+        self._to_read: set[Waiter] = set()
+        self._reading: set[Waiter] = set()
+        self._settling = False
+        self._refresh_ids: set[str] = set()
+        self._refresh_all = False
+        self._refreshing = False
+        self._watched_event: anyio.Event | None = None
+        self._registered_event: anyio.Event | None = None
+        self._closed: Exception | None = None
+        self._started = False
+        self._polling = False
+        # Deadlines of asyncio waiters: [when, seq, future] entries, one timer.
+        self._deadlines: list[list[Any]] = []
+        self._dead_deadlines = 0
+        self._seq = itertools.count()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        #: Counters shown by ``wait_stats()``.
+        self.registrations = 0
+        self.sessions = 0
+        self.feed_failures = 0
+        self.polls = 0
+
+    def __repr__(self) -> str:
+        return f"the waiter hub of {self._name}"
+
+    # ------------------------------------------------------------ inspection
+
+    def __len__(self) -> int:
+        """The number of registered waiters."""
+        return len({id(w) for task_id in self.watched for w in self._waiters(task_id)})
+
+    def watched_ids(self) -> list[str]:
+        """The ids at least one waiter is waiting for."""
+        return list(self.watched)
+
+    def has_waiters(self, task_id: str) -> bool:
+        """Whether any waiter waits for ``task_id``."""
+        return task_id in self.watched
+
+    @property
+    def mode(self) -> str:
+        """How waits are served now: the feed's kind, ``"poll"``, or ``"<kind>+poll"``."""
+        if self.feed is None:
+            return "poll"
+        kind = self.feed.describe()
+        if self._polling and self.feed.poll_too:
+            return f"{kind}+poll"
+        return "poll" if self._polling else kind
+
+    def waiter(
+        self,
+        task_ids: Iterable[str],
+        *,
+        ready_only: bool = False,
+        opener: Callable[[], Awaitable[None]] | None = None,
+    ) -> Waiter:
+        """A waiter for ``task_ids``, to be entered with ``async with``."""
+        return Waiter(self, task_ids, ready_only=ready_only, opener=opener)
+
+    def _waiters(self, task_id: str) -> Sequence[Waiter]:
+        found = self.watched.get(task_id)
+        if found is None:
+            return ()
+        return (found,) if type(found) is Waiter else found  # type: ignore[return-value]
+
+    # ------------------------------------------------------------ registration
+
+    def _add(self, waiter: Waiter) -> None:
+        if self._closed is not None:
+            raise self._closed
+        watched = self.watched
+        for task_id in waiter.ids:
+            found = watched.get(task_id)
+            if found is None:
+                watched[task_id] = waiter
+                self._to_watch.add(task_id)
+            elif type(found) is Waiter:
+                watched[task_id] = [found, waiter]
+            else:
+                found.append(waiter)  # type: ignore[union-attr]
+        self._to_read.add(waiter)
+        self.registrations += 1
+        if not self._settling:
+            self._settling = True
+            self._source._start_task(self._settle, name=f"{self._name} waits")
+        if not self._started:
+            self._start_feeding()
+        if self._watched_event is not None:
+            self._watched_event.set()
+        if self._registered_event is not None:
+            self._registered_event.set()
+
+    def _remove(self, waiter: Waiter) -> None:
+        self._to_read.discard(waiter)
+        gone = []
+        watched = self.watched
+        for task_id in waiter.ids:
+            found = watched.get(task_id)
+            if found is waiter:
+                del watched[task_id]
+                self._versions.pop(task_id, None)
+                self._last.pop(task_id, None)
+                if task_id in self._to_watch:
+                    self._to_watch.discard(task_id)  # never watched: nothing to end
+                elif task_id not in self._in_flight:
+                    gone.append(task_id)
+            elif type(found) is list:
+                if waiter in found:
+                    found.remove(waiter)
+                if len(found) == 1:
+                    watched[task_id] = found[0]
+        if gone:
+            self._unwatch(gone)
+
+    def _unwatch(self, task_ids: Sequence[str]) -> None:
+        try:
+            if self.feed is not None:
+                self.feed.unwatch(task_ids)
+            self._source._unwatched(task_ids)
+        except Exception:  # pragma: no cover - a backend bug must not break waiters
+            logger.exception("ending the watch of %d ids failed", len(task_ids))
+
+    def _fail(self, waiters: Iterable[Waiter], error: Exception) -> None:
+        for waiter in waiters:
+            for task_id in waiter.ids:
+                waiter._put(Record.failed(task_id, error))
+
+    async def _settle(self) -> None:
+        """Watch and read for every waiter that registered, in batches."""
+        try:
+            while self._to_read and self._closed is None:
+                # Let the waiters created in the same tick join this batch.
+                await _runtime.checkpoint()
+                await self._settle_batch()
+        finally:
+            self._settling = False
+            if self._to_read and self._closed is None:  # registered while being cancelled
+                self._settling = True
+                self._source._start_task(self._settle, name=f"{self._name} waits")
+
+    @property
+    def unsettled(self) -> int:
+        """Waiters whose first read has not been delivered yet."""
+        return len(self._to_read) + len(self._reading)
+
+    async def _settle_batch(self) -> None:
+        try:
+            await self._settle_readers()
+        finally:
+            self._reading = set()
+
+    async def _settle_readers(self) -> None:
+        batch, self._to_watch = self._to_watch, set()
+        readers, self._to_read = self._to_read, set()
+        self._reading = readers
+        if batch and self.feed is not None:
+            self._in_flight = batch
+            try:
+                await self.feed.watch(sorted(batch))
+            except Exception as exc:
+                # The watch may be half set up: end it; its waiters learn why.
+                self._in_flight = set()
+                self._unwatch(sorted(batch))
+                self._fail(readers, exc)
+                for task_id in batch:  # a later waiter on these ids watches again
+                    if task_id in self.watched:
+                        self._to_watch.add(task_id)
+                return
+            finally:
+                self._in_flight = set()
+            # Ids whose waiters all left while their watch was being set up.
+            abandoned = [i for i in batch if i not in self.watched]
+            if abandoned:
+                self._unwatch(abandoned)
+        ids = list(dict.fromkeys(i for w in readers for i in w.ids if i in self.watched))
+        if not ids:
+            return
+        versions = self._versions
+        before = [versions.get(i, 0) for i in ids]
+        try:
+            raws = await self._source._read_raw(ids)
+        except Exception as exc:
+            self._fail(readers, exc)
+            return
+        decode = self._source._decode
+        for task_id, version, raw in zip(ids, before, raws, strict=True):
+            if versions.get(task_id, 0) != version:
+                continue  # a newer record was delivered while we read
+            last = self._last.get(task_id)
+            if last is not None and last.raw != raw:
+                # Earlier waiters hold an older record and no push may follow:
+                # this read is news for them too.
+                self.deliver(task_id, raw)
+                continue
+            if isinstance(raw, Exception):
+                record = Record.failed(task_id, raw)
+            elif last is not None:
+                record = last
+            else:
+                record = Record(task_id, raw, decode)
+                if raw is not None:
+                    self._last[task_id] = record
+                # A refresh that started before this read must not deliver an older record.
+                versions[task_id] = version + 1
+            for waiter in self._waiters(task_id):
+                if waiter in readers and (raw is not None or not waiter.ready_only):
+                    waiter._put(record)
+
+    # ------------------------------------------------------------ feeding
+
+    def deliver(self, task_id: str, raw: Any) -> None:
+        """Hand a new record of ``task_id`` (as the store gave it; None: none,
+        an exception: it could not be read) to its waiters, unless it is the
+        one they have."""
+        found = self.watched.get(task_id)
+        if found is None:
+            return
+        if isinstance(raw, Exception):
+            record = Record.failed(task_id, raw)
+        else:
+            last = self._last.get(task_id)
+            if last is None:
+                if raw is None:
+                    return
+            elif last.raw == raw:
+                return
+            record = Record(task_id, raw, self._source._decode)
+            if raw is None:
+                del self._last[task_id]
+            else:
+                self._last[task_id] = record
+        self._versions[task_id] = self._versions.get(task_id, 0) + 1
+        if type(found) is Waiter:
+            if raw is not None or not found.ready_only:
+                found._put(record)
+            return
+        for waiter in found:  # type: ignore[union-attr]
+            if raw is not None or not waiter.ready_only:
+                waiter._put(record)
+
+    def resynced(self, feed: Feed) -> None:
+        """Called (through :meth:`Feed.resynced`) once a session's watches are in
+        place. After a session that followed a lost one, the feed's ids are
+        re-read (retried until it works): nothing else tells about what was
+        stored meanwhile."""
+        self.sessions += 1
+        if feed.sessions > 1 and self.watched:
+            ids = feed.resync_ids()
+            logger.info("%s is back; re-reading results", feed)
+            self.refresh_soon(ids)
+
+    def changed(self, task_ids: Collection[str] | None = None) -> None:
+        """Called by a signal feed: ``task_ids`` (None: any) may have changed."""
+        self.refresh_soon(task_ids)
+
+    async def refresh(self, task_ids: Iterable[str] | None = None) -> int:
+        """Re-read watched ids (all of them by default) and deliver what changed.
+
+        :returns: the number of ids whose record changed.
+        """
+        wanted = self.watched if task_ids is None else task_ids
+        ids = [i for i in dict.fromkeys(wanted) if i in self.watched]
+        if not ids:
+            return 0
+        before = [self._versions.get(i, 0) for i in ids]
+        raws = await self._source._read_raw(ids)
+        changed = 0
+        for task_id, version, raw in zip(ids, before, raws, strict=True):
+            if self._versions.get(task_id, 0) != version:
+                continue
+            last = self._last.get(task_id)
+            if (last.raw if last is not None else None) != raw:
+                changed += 1
+                self.deliver(task_id, raw)
+        return changed
+
+    def refresh_soon(self, task_ids: Collection[str] | None = None) -> None:
+        """Re-read ``task_ids`` (None: every watched id) in the background, batched
+        with other such requests of this moment, retrying until it works."""
+        if self._closed is not None or not self.watched:
+            return
+        if task_ids is None:
+            self._refresh_all = True
+        else:
+            self._refresh_ids.update(task_ids)
+        if not self._refreshing:
+            self._refreshing = True
+            self._source._start_task(self._run_refreshes, name=f"{self._name} re-reads")
+
+    async def _run_refreshes(self) -> None:
+        backoff = Backoff(0.05, 1.0)
+        try:
+            while self._closed is None and (self._refresh_all or self._refresh_ids):
+                await _runtime.checkpoint()  # join the requests of this tick
+                every, self._refresh_all = self._refresh_all, False
+                ids, self._refresh_ids = self._refresh_ids, set()
+                try:
+                    await self.refresh(None if every else ids)
+                    backoff.reset()
+                except Exception as exc:
+                    logger.warning("%s: re-reading changed results failed: %s", self, exc)
+                    # Try again: nothing else may tell about this change.
+                    self._refresh_all |= every
+                    self._refresh_ids |= ids
+                    await backoff.sleep()
+        finally:
+            self._refreshing = False
+
+    async def wait_watched(self) -> None:
+        """Return once at least one id is watched."""
+        while not self.watched:
+            self._watched_event = anyio.Event()
+            try:
+                await self._watched_event.wait()
+            finally:
+                self._watched_event = None
+
+    async def wait_registration(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for a new waiter; whether one came."""
+        self._registered_event = arrived = anyio.Event()
+        try:
+            with anyio.move_on_after(timeout):
+                await arrived.wait()
+        finally:
+            self._registered_event = None
+        return arrived.is_set()
+
+    def _start_feeding(self) -> None:
+        self._started = True
+        if self.feed is not None:
+            self._source._start_task(run_feed, self, self.feed, name=f"{self._name} feed")
+            if self.feed.poll_too:
+                self.fall_back_to_polling()
+        else:
+            self.fall_back_to_polling()
+
+    def fall_back_to_polling(self) -> None:
+        """Start the batched poller (once)."""
+        if self._polling or self._closed is not None:
+            return
+        self._polling = True
+        self._source._start_task(
+            run_poller,
+            self,
+            self._source.poll_interval,
+            self._source.max_poll_interval,
+            name=f"{self._name} poller",
+        )
+
+    def close(self, error: Exception) -> None:
+        """Give ``error`` to every waiter and refuse new ones (the backend closed)."""
+        self._closed = error
+        for task_id in list(self.watched):
+            for waiter in self._waiters(task_id):
+                waiter._put(Record.failed(task_id, error))
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    # ------------------------------------------------------------ deadlines (asyncio)
+
+    def _add_deadline(self, when: float, future: asyncio.Future[None]) -> list[Any]:
+        entry = [when, next(self._seq), future]
+        heapq.heappush(self._deadlines, entry)
+        if self._timer is None or when < self._timer_at:
+            self._arm(when)
+        return entry
+
+    def _drop_deadline(self, entry: list[Any]) -> None:
+        if entry[2] is not None:
+            entry[2] = None
+            self._dead_deadlines += 1
+            # Entries of waiters woken early: drop them once they are half the heap.
+            if self._dead_deadlines * 2 > len(self._deadlines) > 64:
+                self._deadlines = [e for e in self._deadlines if e[2] is not None]
+                heapq.heapify(self._deadlines)
+                self._dead_deadlines = 0
+
+    def _arm(self, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = asyncio.get_running_loop().call_at(when, self._expire)
+
+    def _expire(self) -> None:
+        self._timer = None
+        heap = self._deadlines
+        now = asyncio.get_running_loop().time()
+        while heap and heap[0][0] <= now:
+            entry = heapq.heappop(heap)
+            future = entry[2]
+            if future is None:
+                self._dead_deadlines -= 1
+            elif not future.done():
+                entry[2] = None
+                future.set_result(None)
+        if heap:
+            self._arm(heap[0][0])

@@ -1,0 +1,341 @@
+"""The filesystem backend's blocking file work, run in worker threads.
+
+Every write goes to a hidden temporary file that is flushed to disk and
+renamed over its target, so no reader ever sees half a record. Checks that
+must not race with another process run under an exclusive ``flock`` on
+``<dir>/.aioresults.lock``. Expiry deadlines live in an extended attribute
+where the file system has them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import shutil
+import stat
+import struct
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from ..._exceptions import BackendCorrupted, ConfigurationError
+from .._chords import PartCount
+
+__all__ = ["ResultDirectory"]
+
+LOCK_NAME = ".aioresults.lock"
+TEMP_PREFIX = ".aioresults-"
+TEMP_SUFFIX = ".tmp"
+#: A temporary file this old was left by a writer that died; cleanup() removes it.
+_STALE_TEMP = 3600.0
+#: The writer's expiry, on file systems with extended attributes: a Unix time or "never".
+_XATTR = "user.aioresults.expires"
+_NO_XATTRS = frozenset((errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM))
+_LENGTH = struct.Struct(">I")
+
+if sys.platform != "win32":
+    import fcntl
+else:  # pragma: no cover - the backend refuses to open there
+    fcntl = None
+
+
+def _unlink_quietly(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+class ResultDirectory:
+    """One result directory and what can be done to it (blocking calls)."""
+
+    def __init__(self, path: str, max_value_size: int, is_success: Callable[[bytes], bool]) -> None:
+        self.path = path
+        self._lock_path = os.path.join(path, LOCK_NAME)
+        self._limit = max_value_size
+        self._is_success = is_success
+        self.xattrs = hasattr(os, "setxattr")
+
+    # ------------------------------------------------------------ basics
+
+    def prepare(self) -> None:
+        """Create the directory if missing and check that it is usable."""
+        try:
+            os.makedirs(self.path, exist_ok=True)
+        except FileExistsError as exc:
+            raise ConfigurationError(f"result path {self.path} is not a directory") from exc
+        if not os.path.isdir(self.path):
+            raise ConfigurationError(f"result path {self.path} is not a directory")
+        try:
+            os.unlink(self.write_temp(b"test", None))
+            with self.locked():
+                pass
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            raise ConfigurationError(
+                f"result directory {self.path} is not writable: {exc.strerror or exc}"
+            ) from exc
+
+    def file(self, key: str) -> str:
+        return os.path.join(self.path, key)
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the directory's exclusive lock (across threads and processes)."""
+        # A descriptor of its own per holder: flock excludes other open files,
+        # including this process's other threads.
+        fd = os.open(self._lock_path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def stamp(self, target: int | str, ttl: float | None) -> None:
+        """Record the writer's expiry on a file, where extended attributes exist."""
+        if not self.xattrs:
+            return
+        value = b"never" if ttl is None else f"{time.time() + ttl:.6f}".encode()
+        try:
+            os.setxattr(target, _XATTR, value)
+        except OSError as exc:
+            if exc.errno not in _NO_XATTRS:
+                raise
+            self.xattrs = False
+
+    def expired(self, target: int | str, mtime: float, ttl: float | None) -> bool:
+        """Whether a file has expired: by its writer's stamp, else (written by
+        Celery, or no extended attributes) by its age and ``ttl``."""
+        if self.xattrs:
+            try:
+                if isinstance(target, int):
+                    value = os.getxattr(target, _XATTR)
+                else:
+                    value = os.getxattr(target, _XATTR, follow_symlinks=False)
+            except OSError as exc:
+                if exc.errno not in _NO_XATTRS and exc.errno != errno.ENODATA:
+                    raise
+            else:
+                if value == b"never":
+                    return False
+                with contextlib.suppress(ValueError):
+                    return float(value) <= time.time()
+        return ttl is not None and mtime + ttl <= time.time()
+
+    def write_temp(self, data: bytes, ttl: float | None) -> str:
+        """Write ``data`` to a new hidden file in the directory, on disk; return its path."""
+        path = os.path.join(self.path, f"{TEMP_PREFIX}{uuid.uuid4().hex}{TEMP_SUFFIX}")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            self.stamp(fd, ttl)
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            _unlink_quietly(path)
+            raise
+        os.close(fd)
+        return path
+
+    def replace(self, temp: str, key: str) -> None:
+        """Rename ``temp`` over ``key`` (the caller removes ``temp`` if this fails)."""
+        os.replace(temp, self.file(key))
+
+    def read(self, key: str, ttl: float | None) -> tuple[bytes | None, float]:
+        """A file's payload (None if missing, empty or expired) and its mtime."""
+        try:
+            fd = os.open(self.file(key), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None, 0.0
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISDIR(st.st_mode):
+                raise BackendCorrupted(f"{key} in {self.path} is a directory")
+            if self.expired(fd, st.st_mtime, ttl):
+                return None, st.st_mtime
+            # A buffer of the file's size (one byte over the limit is enough for
+            # the codec to refuse it), never one of the limit's.
+            size = min(st.st_size, self._limit) + 1
+            chunks = []
+            while True:
+                chunk = os.read(fd, size)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size -= len(chunk)
+                if size <= 0:
+                    break
+            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        finally:
+            os.close(fd)
+        # Celery treats an empty file as no record (its writer truncates first).
+        return data or None, st.st_mtime
+
+    def read_many(self, keys: list[str], ttl: float | None) -> list[tuple[bytes | None, float]]:
+        return [self.read(key, ttl) for key in keys]
+
+    def set(self, key: str, value: bytes, ttl: float | None, guarded: bool) -> bool:
+        """Write a file; with ``guarded``, not over a SUCCESS (unless it is ``value``)."""
+        temp = self.write_temp(value, ttl)  # the slow part, outside the lock
+        try:
+            with self.locked():
+                if guarded:
+                    current, _ = self.read(key, ttl)
+                    if current is not None and current != value and self._is_success(current):
+                        return False
+                self.replace(temp, key)
+                return True
+        finally:
+            _unlink_quietly(temp)  # left only when not renamed
+
+    def delete(self, key: str) -> None:
+        _unlink_quietly(self.file(key))
+
+    # ------------------------------------------------------------ chords
+
+    def _parts_dir(self, group_key: str) -> str:
+        # Hidden: Celery's cleanup() unlinks old entries with its prefixes and
+        # would fail on a directory.
+        return os.path.join(self.path, f".{group_key}.p")
+
+    def chord_start(self, group_key: str, size: int, ttl: float | None) -> None:
+        temp = self.write_temp(str(size).encode(), ttl)
+        try:
+            with self.locked():
+                with contextlib.suppress(FileNotFoundError):
+                    shutil.rmtree(self._parts_dir(group_key))
+                _unlink_quietly(self.file(f"{group_key}.n"))
+                self.replace(temp, f"{group_key}.s")
+        finally:
+            _unlink_quietly(temp)
+
+    def chord_count(
+        self, group_key: str, part_id: str, payload: bytes, receipt: str, ttl: float | None
+    ) -> PartCount | None:
+        """Count a part once, under the lock.
+
+        The counter file ``<group>.n`` holds ``"<count> <last part>"`` and is
+        written *before* the part's own file, which holds its count and
+        receipt. A counter whose last part never landed (the writer failed or
+        died in between) is rolled back by the next count, so a part is either
+        counted with its file in place, or not at all and counted on redelivery.
+        """
+        name = hashlib.sha256(part_id.encode()).hexdigest()
+        directory = self._parts_dir(group_key)
+        with self.locked():
+            raw, _ = self.read(f"{group_key}.s", ttl)
+            if raw is None:
+                return None
+            try:
+                size = int(raw)
+            except ValueError as exc:
+                raise BackendCorrupted(f"chord {group_key} has a corrupt size") from exc
+            found = self._read_part(os.path.join(directory, name))
+            if found is not None:
+                return PartCount(found[0], size, found[1] == receipt)
+            count, last = self._read_counter(group_key, ttl)
+            if last and not os.path.exists(os.path.join(directory, last)):
+                count -= 1  # that part never landed: it is counted when it comes again
+            if count >= size:
+                return PartCount(size + 1, size, False)
+            count += 1
+            temp = self.write_temp(f"{count} {name}".encode(), ttl)
+            try:
+                self.replace(temp, f"{group_key}.n")
+            finally:
+                _unlink_quietly(temp)
+            os.makedirs(directory, exist_ok=True)
+            header = f"{count} {receipt}\n".encode()
+            temp = self.write_temp(header + _LENGTH.pack(len(payload)) + payload, ttl)
+            try:
+                os.replace(temp, os.path.join(directory, name))
+            finally:
+                _unlink_quietly(temp)
+            return PartCount(count, size, True)
+
+    def _read_counter(self, group_key: str, ttl: float | None) -> tuple[int, str]:
+        raw, _ = self.read(f"{group_key}.n", ttl)
+        if raw is None:
+            return 0, ""
+        count, _, last = raw.decode("ascii", "replace").partition(" ")
+        try:
+            return int(count), last
+        except ValueError as exc:
+            raise BackendCorrupted(f"chord counter {group_key}.n is corrupt") from exc
+
+    @staticmethod
+    def _read_part(path: str) -> tuple[int, str, bytes] | None:
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return None
+        header, sep, rest = data.partition(b"\n")
+        count, _, receipt = header.decode("ascii", "replace").partition(" ")
+        if not sep or len(rest) < _LENGTH.size or not count.isdigit():
+            raise BackendCorrupted(f"chord part {path} is corrupt")
+        (length,) = _LENGTH.unpack_from(rest)
+        return int(count), receipt, rest[_LENGTH.size : _LENGTH.size + length]
+
+    def chord_parts(self, group_key: str) -> list[bytes]:
+        directory = self._parts_dir(group_key)
+        try:
+            names = os.listdir(directory)
+        except FileNotFoundError:
+            return []
+        parts = []
+        for name in names:
+            if not name.startswith("."):
+                found = self._read_part(os.path.join(directory, name))
+                if found is not None:
+                    parts.append(found[2])
+        return parts
+
+    # ------------------------------------------------------------ cleanup
+
+    def cleanup(self, ttl_of: Callable[[str], float | None | Any]) -> int:
+        """Delete expired files; ``ttl_of(name)`` is a file's TTL, or ``...`` for
+        files that are not results. Returns how many were deleted."""
+
+        def expired(name: str, st: os.stat_result) -> bool:
+            ttl = ttl_of(name)
+            return ttl is not ... and self.expired(os.path.join(self.path, name), st.st_mtime, ttl)
+
+        candidates: list[str] = []
+        with os.scandir(self.path) as entries:
+            for entry in entries:
+                name = entry.name
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                    if name.startswith(TEMP_PREFIX) and name.endswith(TEMP_SUFFIX):
+                        # Left by a writer that died; not a result, so not counted.
+                        if st.st_mtime + _STALE_TEMP <= time.time():
+                            _unlink_quietly(entry.path)
+                    elif expired(name, st):
+                        candidates.append(name)
+                except FileNotFoundError:
+                    continue
+        if not candidates:
+            return 0
+        deleted = 0
+        # Under the lock, so a result rewritten since the scan is not deleted.
+        with self.locked():
+            for name in candidates:
+                path = os.path.join(self.path, name)
+                try:
+                    st = os.lstat(path)
+                    if not expired(name, st):
+                        continue
+                    if stat.S_ISDIR(st.st_mode):
+                        shutil.rmtree(path)
+                    else:
+                        os.unlink(path)
+                except FileNotFoundError:
+                    continue
+                deleted += 1
+        return deleted

@@ -1,0 +1,476 @@
+"""SQLiteBackend: results in one SQLite file (``sqlite:///path.db``), the embedded default.
+
+The file holds Celery's own tables, ``celery_taskmeta`` and ``celery_tasksetmeta``,
+in the format of Celery 5.7's database backend (``db+sqlite:///path.db``), so a
+Celery client reads what aioresults writes and the reverse (with the JSON
+serializer on both sides). What Celery has no column for (expiry, group and
+parent ids, chord counters) lives in tables of its own, ``aioresults_*``,
+which Celery never looks at. ``aioresults_schema`` records the layout's
+version; a file with a newer or foreign layout is refused, never altered.
+
+Writes go through one writer connection in WAL mode, in a thread of its own.
+Concurrent writes are committed together, many per ``BEGIN IMMEDIATE``
+transaction (group commit), each caller still getting its own answer. Reads
+use an aiosqlite connection of their own. Waiters in this process wake as soon
+as a commit lands; waiters in other processes wake through inotify on the
+file's directory and then re-read only the ids they wait for, so a process
+that waits while nothing changes does no work at all. Without inotify (not
+Linux), or with ``watch="poll"``, the waiter hub polls instead.
+
+A database file deleted or replaced while in use is noticed before the next
+write (by its inode): that write fails with
+:class:`~aioresults.BackendUnavailable` naming the path, and the backend then
+opens the file found at the path (creating it if missing) for what follows.
+
+URLs: ``sqlite:///relative/path.db``, ``sqlite:////absolute/path.db``, and
+Celery's ``db+sqlite:///...``. ``:memory:`` is refused: an in-memory database
+is private to one connection, and this backend uses two (and is meant to be
+shared between processes). Options may also be given in the query string:
+``?busy_timeout=10`` (``timeout``, pysqlite's name, is accepted too).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import sqlite3
+import time
+import warnings
+from collections.abc import Sequence
+from typing import Any, ClassVar
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+import anyio
+
+from ..._exceptions import (
+    BackendCorrupted,
+    BackendError,
+    BackendUnavailable,
+    ConfigurationError,
+    DecodeError,
+    MissingDependency,
+)
+from ..._meta import ResultMeta
+from .. import _inotify
+from .._chords import PartCount
+from .._feeds import Feed
+from .._support import ErrorRule, ErrorTable, expires_at
+from ..base import BaseBackend
+from . import _rows
+from ._schema import SCHEMA_VERSION
+from ._writer import FileSwapped, Write, Writer, chunks, format_date, marks
+
+try:
+    import aiosqlite
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise MissingDependency(
+        "the SQLite backend needs aiosqlite: pip install aioresults (it is a core dependency)"
+    ) from exc
+
+__all__ = ["SCHEMA_VERSION", "SQLiteBackend"]
+
+logger = logging.getLogger("aioresults.backends")
+
+#: After a burst of file events, look once more when it has been quiet this long:
+#: a commit's WAL write can be seen before its index update makes it visible.
+_SETTLE = 0.05
+
+
+def _is(*names: str) -> Any:
+    return lambda exc: (getattr(exc, "sqlite_errorname", "") or "").startswith(names)
+
+
+def _watch_option(watch: str, watch_mode: str | None) -> str:
+    if watch_mode is not None:  # the 0.1 spelling
+        warnings.warn(
+            "watch_mode= is deprecated since 0.2: use watch='auto', 'notify' or 'poll'",
+            DeprecationWarning,
+            stacklevel=4,
+        )
+        watch = {"inotify": "notify"}.get(watch_mode, watch_mode)
+    if watch not in ("auto", "notify", "poll"):
+        raise ConfigurationError(f'watch must be "auto", "notify" or "poll", not {watch!r}')
+    return watch
+
+
+class SQLiteBackend(BaseBackend):
+    """Results in a SQLite file, readable by Celery's database backend.
+
+    :param location: the database file (created with its tables if missing;
+        its directory must exist), or a ``sqlite:///`` URL.
+    :param busy_timeout: seconds to keep retrying while another connection
+        holds the write lock, before raising :class:`~aioresults.BackendUnavailable`.
+    :param commit_delay: when writes are arriving concurrently, wait up to this
+        many seconds for more of them to join the same commit (a lone write
+        never waits).
+    :param max_batch: the most writes committed in one transaction.
+    :param synchronous: SQLite's ``synchronous`` setting for writes. ``"NORMAL"``
+        (default) keeps every commit through a process crash; ``"FULL"`` also
+        through a power loss, at the cost of an fsync per commit.
+    :param watch: how waiters learn of writes by other processes: ``"auto"``
+        (inotify where available, else polling), ``"notify"`` or ``"poll"``.
+    :param options: the options of :class:`~aioresults.BaseBackend`.
+
+    ``stats`` counts ``commits`` (write transactions) and ``writes`` (records written).
+    """
+
+    schemes: ClassVar[tuple[str, ...]] = ("sqlite", "db+sqlite")
+    local_wake: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        location: str | os.PathLike[str] = "aioresults.db",
+        *,
+        busy_timeout: float = 5.0,
+        commit_delay: float = 0.001,
+        max_batch: int = 500,
+        synchronous: str = "NORMAL",
+        watch: str = "auto",
+        watch_mode: str | None = None,
+        **options: Any,
+    ) -> None:
+        path = os.fspath(location)
+        if path[:9].lower() == "sqlite://" or path[:12].lower() == "db+sqlite://":
+            path = _url_path(path, options)
+        if not path or path == ":memory:" or path.startswith("file:"):
+            raise ConfigurationError(
+                f"SQLiteBackend needs a database file, not {path!r}: an in-memory database "
+                "is private to one connection and one process (use a file, e.g. on a tmpfs)"
+            )
+        if busy_timeout < 0 or commit_delay < 0 or max_batch < 1:
+            raise ConfigurationError(
+                "busy_timeout and commit_delay must be >= 0 and max_batch >= 1"
+            )
+        if synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
+            raise ConfigurationError(f"unknown synchronous setting {synchronous!r}")
+        self.watch = _watch_option(watch, watch_mode)
+        if self.watch == "notify" and not _inotify.available():
+            raise ConfigurationError('watch="notify" needs Linux\'s inotify')
+        self.path = os.path.abspath(path)
+        options.setdefault("url", f"sqlite:///{path}")
+        super().__init__(**options)
+        self.busy_timeout = float(busy_timeout)
+        self.commit_delay = float(commit_delay)
+        self.max_batch = max_batch
+        self.synchronous = synchronous.upper()
+        self._writer: Writer | None = None
+        self._reader: aiosqlite.Connection | None = None
+        self._writes = self._batcher(
+            self._commit,
+            "sqlite writes",
+            max_size=max_batch,
+            # Under load, wait a little for more writes to share the commit.
+            linger=lambda last: self.commit_delay if last > 1 else 0.0,
+        )
+        self._writes_done = 0
+        self._errors = ErrorTable(
+            [
+                ErrorRule(
+                    sqlite3.Error,
+                    BackendUnavailable,
+                    "the database is locked (busy_timeout passed) at",
+                    lambda e: _is("SQLITE_BUSY", "SQLITE_LOCKED")(e) or "locked" in str(e),
+                ),
+                ErrorRule(
+                    sqlite3.Error,
+                    BackendCorrupted,
+                    "not a SQLite database, or damaged:",
+                    _is("SQLITE_CORRUPT", "SQLITE_NOTADB"),
+                ),
+                ErrorRule(
+                    sqlite3.Error,
+                    BackendUnavailable,
+                    "cannot use",
+                    _is("SQLITE_CANTOPEN", "SQLITE_IOERR", "SQLITE_FULL", "SQLITE_READONLY"),
+                ),
+                ErrorRule(sqlite3.Error, BackendUnavailable, "cannot use", _is("SQLITE_PERM")),
+                ErrorRule(sqlite3.Error, BackendError, "failed on"),
+                ErrorRule(ValueError, BackendError, "closed:", lambda e: "onnection" in str(e)),
+            ],
+            lambda: self.path,
+        )
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> SQLiteBackend:
+        """``sqlite:///relative.db``, ``sqlite:////absolute.db`` or ``db+sqlite:///...``.
+
+        :raises ConfigurationError: not a SQLite file URL (``:memory:`` included).
+        """
+        path = _url_path(url, options)
+        return cls(path, url=url, **options)
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """``commits`` (write transactions) and ``writes`` (records written) so far."""
+        return {"commits": self._writer.commits if self._writer else 0, "writes": self._writes_done}
+
+    # ------------------------------------------------------------ lifecycle
+
+    def _check_path(self) -> None:
+        if os.path.isdir(self.path):
+            raise ConfigurationError(f"{self.path} is a directory, not a database file")
+        directory = os.path.dirname(self.path)
+        if not os.path.isdir(directory):
+            raise BackendUnavailable(f"cannot open {self.path}: {directory} does not exist")
+
+    async def _open(self) -> None:
+        self._check_path()  # two stat calls: cheaper than a thread hop
+        try:
+            with self._errors.translating("opening the database"):
+                self._writer = Writer(self.path, self.busy_timeout, self.synchronous)
+                await self._writer.open()
+                self._reader = await aiosqlite.connect(
+                    self.path, timeout=self.busy_timeout, isolation_level=None
+                )
+                await self._reader.execute("PRAGMA query_only = 1")
+        except BaseException:
+            await self._close()
+            raise
+
+    async def _reopen(self) -> None:
+        """The file was deleted or replaced: use the one at the path from now on."""
+        await self._close()
+        await self._open()
+
+    def _feed(self) -> Feed | None:
+        if self.watch == "poll" or not _inotify.available():
+            return None
+        base = os.path.basename(os.path.realpath(self.path))
+        names = {base, f"{base}-wal", f"{base}-journal"}
+        return _inotify.InotifyFeed(
+            os.path.dirname(os.path.realpath(self.path)),
+            _inotify.IN_MODIFY
+            | _inotify.IN_CLOSE_WRITE
+            | _inotify.IN_MOVED_TO
+            | _inotify.IN_CREATE,
+            lambda name: None if name in names else [],
+            settle=_SETTLE,
+        )
+
+    def _store_key(self) -> object:
+        return ("sqlite", os.path.realpath(self.path))
+
+    async def aclose(self) -> None:
+        """Finish the writes already queued, then close. Idempotent."""
+        if self._opened and not self._closed:
+            # Bounded: a queued batch waits at most busy_timeout for the lock.
+            with anyio.move_on_after(self.busy_timeout + 5):
+                await self._writes.wait_idle()
+        await super().aclose()
+
+    async def _close(self) -> None:
+        reader, writer = self._reader, self._writer
+        self._reader = self._writer = None
+        for closing in (reader, writer):
+            if closing is not None:
+                try:
+                    await closing.close()
+                except Exception as exc:  # closing must not mask the caller's error
+                    logger.warning("closing %s failed: %s", self.path, exc)
+
+    def _live(self) -> tuple[Writer, aiosqlite.Connection]:
+        if self._writer is None or self._reader is None:
+            raise BackendUnavailable(f"{self.path} is not open (it was deleted or replaced)")
+        return self._writer, self._reader
+
+    async def _transaction(self, doing: str, work: Any) -> Any:
+        """``work(conn)`` in one write transaction; reopens after a file swap."""
+        if self._writer is None:
+            await self._reopen()
+        writer, _ = self._live()
+        try:
+            with self._errors.translating(doing):
+                return await writer.transaction(work)
+        except FileSwapped:
+            await self._reopen()  # for the operations that follow
+            raise
+
+    # ------------------------------------------------------------ writing results
+
+    async def _write_meta(self, meta: ResultMeta) -> bool:
+        write = Write(meta, self.codec, self.expires)  # encoding errors are the caller's alone
+        written: bool = await self._writes(write)
+        return written
+
+    async def _commit(self, batch: list[Write]) -> list[bool | BaseException]:
+        """One transaction for the batch; on an error that may be one record's,
+        each alone, so only its caller fails."""
+
+        def store(conn: sqlite3.Connection) -> list[bool]:
+            return Writer.store_batch(batch, self._expired, conn)
+
+        try:
+            written: list[bool | BaseException] = list(
+                await self._transaction("storing results", store)
+            )
+        except BackendError as exc:
+            if len(batch) == 1 or isinstance(exc, (BackendUnavailable, BackendCorrupted)):
+                raise
+            written = []
+            for write in batch:
+                try:
+                    written.extend(await self._commit([write]))
+                except BackendError as own:
+                    written.append(own)
+        self._writes_done += sum(1 for w in written if w is True)
+        return written
+
+    # ------------------------------------------------------------ reading results
+
+    def _expired(self, has_meta: Any, deadline: Any, date_done: Any, now: float) -> bool:
+        if has_meta:  # written by aioresults: its writer chose the expiry
+            return deadline is not None and deadline <= now
+        if self.expires is None or date_done is None:  # Celery's: date_done + expires
+            return False
+        try:
+            done = _rows.parse_date(date_done)
+        except DecodeError:
+            return False
+        return done is not None and done.timestamp() + self.expires <= now
+
+    async def _read_raw(self, task_ids: Sequence[str]) -> Sequence[Any]:
+        if self._reader is None:
+            await self._reopen()
+        writer, reader = self._live()
+        try:
+            writer.check_file()
+        except FileSwapped:
+            await self._reopen()
+            raise
+        found: dict[str, Any] = {}
+        now = time.time()
+        with self._errors.translating("reading results"):
+            for chunk in chunks(list(dict.fromkeys(task_ids))):
+                rows = await reader.execute_fetchall(
+                    _rows.SELECT_TASKS.format(marks(len(chunk))), chunk
+                )
+                for values in rows:
+                    row = tuple(values)
+                    if not self._expired(row[-5], row[-4], row[3], now):
+                        found[row[0]] = row
+        return [found.get(t) for t in task_ids]
+
+    def _decode(self, task_id: str, raw: Any) -> ResultMeta:
+        return _rows.decode_row(raw, self.codec)
+
+    async def _forget(self, task_id: str) -> None:
+        def forget(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM celery_taskmeta WHERE task_id = ?", (task_id,))
+            conn.execute("DELETE FROM aioresults_meta WHERE task_id = ?", (task_id,))
+
+        await self._transaction("forgetting a result", forget)
+
+    # ------------------------------------------------------------ groups
+
+    async def _save_group(self, group_id: str, group: list[Any]) -> None:
+        # Celery's database backend stores the bare tuple (no {"result": ...} wrapper).
+        payload = self.codec.encode(group)
+        deadline = expires_at(self.expires)
+        now = format_date(dt.datetime.now(dt.UTC))
+
+        def save(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO celery_tasksetmeta (taskset_id, result, date_done) VALUES (?, ?, ?) "
+                "ON CONFLICT (taskset_id) DO UPDATE SET result = excluded.result, "
+                "date_done = excluded.date_done",
+                (group_id, payload, now),
+            )
+            conn.execute(
+                "INSERT OR REPLACE INTO aioresults_group VALUES (?, ?)", (group_id, deadline)
+            )
+
+        await self._transaction("saving a group", save)
+
+    async def _restore_group(self, group_id: str) -> list[Any] | None:
+        _, reader = self._live()
+        with self._errors.translating("restoring a group"):
+            rows = list(await reader.execute_fetchall(_rows.SELECT_GROUP, (group_id,)))
+        if not rows:
+            return None
+        payload, date_done, has_own, deadline = rows[0]
+        if payload is None or self._expired(has_own, deadline, date_done, time.time()):
+            return None
+        return _rows.decode_group(group_id, payload, self.codec)
+
+    async def _delete_group(self, group_id: str) -> None:
+        def delete(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM celery_tasksetmeta WHERE taskset_id = ?", (group_id,))
+            conn.execute("DELETE FROM aioresults_group WHERE group_id = ?", (group_id,))
+
+        await self._transaction("deleting a group", delete)
+
+    # ------------------------------------------------------------ chords
+
+    async def _chord_start(self, group_id: str, size: int) -> None:
+        deadline = expires_at(self.chord_expires)
+
+        def start(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM aioresults_chord_part WHERE group_id = ?", (group_id,))
+            conn.execute(
+                "INSERT OR REPLACE INTO aioresults_chord VALUES (?, ?, 0, ?)",
+                (group_id, size, deadline),
+            )
+
+        await self._transaction("starting a chord", start)
+
+    async def _chord_count(
+        self, group_id: str, part_id: str, payload: bytes, receipt: str
+    ) -> PartCount | None:
+        # The size check, the deduplicating insert and the increment are one
+        # transaction under the database's write lock: safe across processes.
+        def count(conn: sqlite3.Connection) -> PartCount | None:
+            return Writer.count_part(group_id, part_id, payload, receipt, conn)
+
+        result: PartCount | None = await self._transaction("counting a chord part", count)
+        return result
+
+    async def _chord_parts(self, group_id: str) -> list[bytes]:
+        _, reader = self._live()
+        with self._errors.translating("reading a chord"):
+            rows = await reader.execute_fetchall(
+                "SELECT payload FROM aioresults_chord_part WHERE group_id = ?", (group_id,)
+            )
+        return [bytes(row[0]) for row in rows]
+
+    # ------------------------------------------------------------ housekeeping
+
+    async def _cleanup(self) -> int:
+        now = time.time()
+        # A NULL cutoff (results kept forever) matches no row.
+        cutoff = None
+        if self.expires is not None:
+            cutoff = format_date(dt.datetime.fromtimestamp(now - self.expires, dt.UTC))
+        params = {"now": now, "cutoff": cutoff}
+
+        def clean(conn: sqlite3.Connection) -> int:
+            deleted = sum(
+                max(conn.execute(sql, params).rowcount, 0) for sql in _rows.CLEANUP_COUNTED
+            )
+            for sql in _rows.CLEANUP_BOOKKEEPING:
+                conn.execute(sql, params)
+            return deleted
+
+        deleted: int = await self._transaction("deleting expired results", clean)
+        return deleted
+
+
+def _url_path(url: str, options: dict[str, Any]) -> str:
+    """The file a ``sqlite:///`` URL names; its query options go into ``options``."""
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in SQLiteBackend.schemes:
+        raise ConfigurationError(f"not a sqlite:// URL: {url!r}")
+    if parts.netloc or not parts.path.startswith("/"):
+        raise ConfigurationError(
+            f"bad SQLite URL {url!r}: use sqlite:///relative/path.db "
+            "or sqlite:////absolute/path.db (three slashes, then the path)"
+        )
+    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+        if key in ("busy_timeout", "timeout"):
+            try:
+                options.setdefault("busy_timeout", float(value))
+            except ValueError as exc:
+                raise ConfigurationError(f"{key} must be a number of seconds") from exc
+        elif key != "check_same_thread":  # pysqlite's; meaningless here
+            raise ConfigurationError(f"unknown option {key!r} in SQLite URL {url!r}")
+    return unquote(parts.path[1:])

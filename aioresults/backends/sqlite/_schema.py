@@ -1,0 +1,166 @@
+"""The SQLite backend's tables: Celery's own, and the ``aioresults_*`` ones beside them."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from typing import TypeVar
+
+from ..._exceptions import BackendCorrupted
+
+__all__ = ["SCHEMA_VERSION", "prepare", "run_transaction"]
+
+T = TypeVar("T")
+
+#: The layout of the ``aioresults_*`` tables this version reads and writes.
+#: 2 added the count and receipt of each chord part.
+SCHEMA_VERSION = 2
+
+# Celery 5.7's tables, as SQLAlchemy creates them (Celery skips tables that exist).
+CELERY_DDL = (
+    """CREATE TABLE IF NOT EXISTS celery_taskmeta (
+\tid INTEGER NOT NULL PRIMARY KEY AUTOINCREMENT,
+\ttask_id VARCHAR(155),
+\tstatus VARCHAR(50),
+\tresult BLOB,
+\tdate_done DATETIME,
+\ttraceback TEXT,
+\tchildren BLOB,
+\tname VARCHAR(155),
+\targs BLOB,
+\tkwargs BLOB,
+\tworker VARCHAR(155),
+\tretries INTEGER,
+\tqueue VARCHAR(155),
+\tstamps BLOB,
+\tUNIQUE (task_id)
+)""",
+    "CREATE INDEX IF NOT EXISTS ix_celery_taskmeta_date_done ON celery_taskmeta (date_done)",
+    """CREATE TABLE IF NOT EXISTS celery_tasksetmeta (
+\tid INTEGER NOT NULL PRIMARY KEY AUTOINCREMENT,
+\ttaskset_id VARCHAR(155),
+\tresult BLOB,
+\tdate_done DATETIME,
+\tUNIQUE (taskset_id)
+)""",
+    "CREATE INDEX IF NOT EXISTS ix_celery_tasksetmeta_date_done ON celery_tasksetmeta (date_done)",
+)
+OWN_DDL = (
+    "CREATE TABLE IF NOT EXISTS aioresults_schema (version INTEGER NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS aioresults_meta (task_id TEXT PRIMARY KEY, expires_at REAL, "
+    "group_id TEXT, parent_id TEXT, extra BLOB)",
+    "CREATE INDEX IF NOT EXISTS aioresults_meta_expires_at ON aioresults_meta (expires_at)",
+    "CREATE TABLE IF NOT EXISTS aioresults_group (group_id TEXT PRIMARY KEY, expires_at REAL)",
+    "CREATE TABLE IF NOT EXISTS aioresults_chord (group_id TEXT PRIMARY KEY, "
+    "size INTEGER NOT NULL, count INTEGER NOT NULL DEFAULT 0, expires_at REAL)",
+    "CREATE TABLE IF NOT EXISTS aioresults_chord_part (group_id TEXT NOT NULL, "
+    "field TEXT NOT NULL, payload BLOB NOT NULL, count INTEGER, receipt TEXT, "
+    "PRIMARY KEY (group_id, field))",
+)
+# Schema 1 -> 2.
+_MIGRATE_1 = (
+    "ALTER TABLE aioresults_chord_part ADD COLUMN count INTEGER",
+    "ALTER TABLE aioresults_chord_part ADD COLUMN receipt TEXT",
+    "UPDATE aioresults_schema SET version = 2",
+)
+# table -> (columns it must have, a column that must be UNIQUE or None)
+_REQUIRED: dict[str, tuple[str, str | None]] = {
+    "celery_taskmeta": ("task_id status result date_done traceback", "task_id"),
+    "celery_tasksetmeta": ("taskset_id result date_done", "taskset_id"),
+    "aioresults_meta": ("task_id expires_at group_id parent_id extra", "task_id"),
+    "aioresults_group": ("group_id expires_at", "group_id"),
+    "aioresults_chord": ("group_id size count expires_at", "group_id"),
+    "aioresults_chord_part": ("group_id field payload", None),
+}
+# Nullable columns Celery 5.7 adds to tables made by older versions; we do the same.
+_CELERY_LATE_COLUMNS = dict(
+    column.split(":")
+    for column in "children:BLOB name:VARCHAR(155) args:BLOB kwargs:BLOB worker:VARCHAR(155) "
+    "retries:INTEGER queue:VARCHAR(155) stamps:BLOB".split()
+)
+
+
+def run_transaction(conn: sqlite3.Connection, work: Callable[[sqlite3.Connection], T]) -> T:
+    """``work(conn)`` between ``BEGIN IMMEDIATE`` and ``COMMIT``; rolled back if it raises.
+
+    Runs in the writer's thread. BEGIN IMMEDIATE takes the write lock first, so
+    what ``work`` reads stays true until the commit (the busy handler waits for
+    the lock up to the connection's timeout).
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        result = work(conn)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:  # the original error is the one to report
+                pass
+        raise
+    return result
+
+
+def _is_unique(conn: sqlite3.Connection, table: str, column: str) -> bool:
+    for index in conn.execute(f"PRAGMA index_list({table})").fetchall():
+        if index[2]:
+            info = conn.execute(f"PRAGMA index_info('{index[1]}')").fetchall()
+            if [row[2] for row in info] == [column]:
+                return True
+    return False
+
+
+def _changes(conn: sqlite3.Connection, path: str) -> list[str]:
+    rows = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+    tables = {row[0] for row in rows}
+    version = None
+    if "aioresults_schema" in tables:
+        (version,) = conn.execute("SELECT max(version) FROM aioresults_schema").fetchone()
+        if isinstance(version, int) and version > SCHEMA_VERSION:
+            raise BackendCorrupted(
+                f"{path} was written by a newer aioresults (schema {version}; this "
+                f"version knows up to {SCHEMA_VERSION}); upgrade aioresults to use it"
+            )
+    changes: list[str] = []
+    for table, (required, unique) in _REQUIRED.items():
+        if table not in tables:
+            continue
+        columns = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        missing = set(required.split()) - columns
+        if not missing and unique is not None and not _is_unique(conn, table, unique):
+            missing = {f"UNIQUE({unique})"}
+        if missing:
+            raise BackendCorrupted(
+                f"{path} has a table {table} that neither Celery nor aioresults "
+                f"made (it lacks {', '.join(sorted(missing))}); refusing to use it"
+            )
+        if table == "celery_taskmeta":
+            changes += [
+                f"ALTER TABLE celery_taskmeta ADD COLUMN {name} {kind}"
+                for name, kind in _CELERY_LATE_COLUMNS.items()
+                if name not in columns
+            ]
+    if not tables >= set(_REQUIRED) | {"aioresults_schema"}:
+        changes += [*CELERY_DDL, *OWN_DDL]
+    if "aioresults_schema" not in tables:
+        changes.append(f"INSERT INTO aioresults_schema VALUES ({SCHEMA_VERSION})")
+    elif version == 1:
+        changes += _MIGRATE_1
+    return changes
+
+
+def prepare(conn: sqlite3.Connection, path: str, synchronous: str) -> None:
+    """Set the writer up, then create, migrate or check the tables (writer's thread).
+
+    :raises BackendCorrupted: a foreign or newer layout (never altered).
+    """
+    conn.execute(f"PRAGMA synchronous = {synchronous}")
+    if not _changes(conn, path):
+        return
+
+    def create(conn: sqlite3.Connection) -> None:
+        # Checked again under the write lock: another process may have been first.
+        for statement in _changes(conn, path):
+            conn.execute(statement)
+
+    run_transaction(conn, create)
