@@ -6,8 +6,6 @@ from ``aioresults.backends.<name>``.
 
 from __future__ import annotations
 
-from typing import Any
-
 from . import states
 from ._exceptions import (
     AioResultsError,
@@ -39,7 +37,7 @@ from ._worker import TaskTracker, TrackedTask, current_task, task
 from .backends.base import BaseBackend, WaitStats
 from .backends.keyvalue import KeyValueBackend
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 __all__ = [
     "DEFAULT_URL",
@@ -103,7 +101,7 @@ for _name in __all__:
 del _name, _obj
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     if name == "ResultBackend":
         from ._deprecated import result_backend
 

@@ -155,9 +155,17 @@ class TaskTracker:
         )
 
     async def __aenter__(self) -> TaskTracker:
-        await self.backend.store_result(
-            self.task_id, self._started_meta, states.STARTED, **self._fields
-        )
+        try:
+            await self.backend.store_result(
+                self.task_id, self._started_meta, states.STARTED, **self._fields
+            )
+        except anyio.get_cancelled_exc_class():
+            # Cancelled while STARTED was being stored (it may still land): the
+            # task never runs, and must not stay STARTED for ever.
+            await _runtime.shielded(
+                self._finish(states.REVOKED, TaskRevokedError("cancelled"), None)
+            )
+            raise
         self._token = _current.set(self)
         return self
 

@@ -97,7 +97,7 @@ async def polling_load(server: Azurite, container: str, present: bool, list_thre
             await asyncio.gather(*(started(t) for t in ids))
         waits = [asyncio.create_task(ar.AsyncResult(t, reader).get()) for t in ids]
         # Registered and read once: what follows is the poller alone.
-        while len(reader.hub) < WAITERS or reader.hub._to_read:
+        while reader.wait_stats().waiters < WAITERS or reader.wait_stats().unsettled:
             await asyncio.sleep(0.01)
         rates = []
         for _ in range(SECONDS):
@@ -125,7 +125,7 @@ async def wake_latency(server: Azurite, container: str) -> None:
             for _ in range(5):
                 task_id = new_id()
                 waiter = asyncio.create_task(ar.AsyncResult(task_id, reader).get())
-                while not reader.hub.has_waiters(task_id):
+                while not (task_id in reader.wait_stats().watched_ids):
                     await asyncio.sleep(0.001)
                 await asyncio.sleep(quiet)
                 await writer.store_result(task_id, 1, states.SUCCESS)

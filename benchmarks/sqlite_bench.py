@@ -143,7 +143,7 @@ IDLE_WAITER = textwrap.dedent(
         async with ar.connect(sys.argv[1]) as backend:
             tasks = [asyncio.create_task(ar.AsyncResult(uuid.uuid4().hex, backend).get())
                      for _ in range(1000)]
-            while len(backend.hub) < 1000:
+            while backend.wait_stats().waiters < 1000:
                 await asyncio.sleep(0.05)
             await asyncio.sleep(0.5)
             before = resource.getrusage(resource.RUSAGE_SELF)

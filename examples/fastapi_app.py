@@ -91,7 +91,7 @@ def create_app(url: str | None = None) -> FastAPI:
         """Wait up to ``timeout`` seconds: 200 once ready, else 202 with the current state."""
         result: ar.AsyncResult[Any] = ar.AsyncResult(task_id, backend)
         try:
-            meta = await result.wait(timeout=timeout)
+            meta = await result.wait_ready(timeout=timeout)
         except ar.ResultTimeout:
             return JSONResponse(describe(await result.meta()), status_code=202)
         except ar.InvalidTaskId as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import anyio
@@ -10,7 +11,7 @@ import pytest
 
 import aioresults as ar
 from aioresults import states
-from aioresults.backends.memory import MemoryBackend
+from aioresults.backends.memory import MemoryBackend, _Pushed
 
 
 @pytest.fixture
@@ -75,9 +76,15 @@ async def test_watch_ends_at_ready_and_skips_repeats(backend: MemoryBackend) -> 
 
 
 async def test_breaking_out_of_watch_unregisters(backend: MemoryBackend) -> None:
-    async for _meta in ar.AsyncResult("b", backend).watch():
+    async with contextlib.aclosing(ar.AsyncResult("b", backend).watch()) as updates:
+        async for _meta in updates:
+            break
+    assert backend.wait_stats().waiters == 0  # closed explicitly: at once
+    async for _meta in ar.AsyncResult("c", backend).watch():
         break
-    await asyncio.sleep(0)
+    # Left to the garbage collector: asyncio closes the generator a few iterations later.
+    for _ in range(5):
+        await asyncio.sleep(0)
     assert backend.wait_stats().waiters == 0
 
 
@@ -191,9 +198,13 @@ async def test_closing_the_backend_ends_pending_waits() -> None:
 
 
 async def test_timeout_covers_a_slow_watch() -> None:
-    class SlowWatch(MemoryBackend):
-        async def _watch(self, task_ids: Any) -> None:
+    class SlowFeed(_Pushed):
+        async def watch(self, task_ids: Any) -> None:
             await asyncio.sleep(5)
+
+    class SlowWatch(MemoryBackend):
+        def _feed(self) -> SlowFeed:
+            return SlowFeed()
 
     async with SlowWatch() as backend:
         started = anyio.current_time()
@@ -204,7 +215,8 @@ async def test_timeout_covers_a_slow_watch() -> None:
 
 
 async def test_a_record_under_another_id_is_refused(backend: MemoryBackend) -> None:
-    await backend.set(backend.task_key("a"), b'{"status": "SUCCESS", "task_id": "zzz"}', None)
+    # Planted as a foreign writer would (the memory store has no client of its own).
+    await backend._set(backend.task_key("a"), b'{"status": "SUCCESS", "task_id": "zzz"}', None)
     with pytest.raises(ar.DecodeError, match="zzz"):
         await backend.get_meta("a")
 

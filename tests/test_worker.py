@@ -151,6 +151,35 @@ async def test_asyncio_cancel_stores_revoked_and_reraises(backend: ar.BaseBacken
     assert (await backend.get_meta(task_id)).status == states.REVOKED
 
 
+async def test_cancel_while_started_is_stored_still_stores_revoked() -> None:
+    from aioresults.backends.memory import MemoryBackend
+
+    class SlowStart(MemoryBackend):
+        """STARTED takes a while to store (a busy store)."""
+
+        async def _write_meta(self, meta: ar.ResultMeta) -> bool:
+            if meta.status == states.STARTED:
+                await asyncio.sleep(1)
+            return await super()._write_meta(meta)
+
+    async with SlowStart() as backend:
+        task_id = new_id()
+        entered = False
+
+        async def work() -> None:
+            nonlocal entered
+            async with backend.track(task_id):
+                entered = True
+
+        job = asyncio.create_task(work())
+        await asyncio.sleep(0.1)  # inside track()'s STARTED store
+        job.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await job
+        assert not entered
+        assert (await backend.get_meta(task_id)).status == states.REVOKED
+
+
 async def test_client_sees_every_state_through_another_instance(
     make_backend: MakeBackend,
 ) -> None:

@@ -19,12 +19,8 @@ loop timer for the earliest, instead of a timeout scope per waiter.
 
 from __future__ import annotations
 
-import asyncio
-import heapq
-import itertools
 import logging
-from collections.abc import Awaitable, Callable, Collection, Generator, Iterable, Sequence
-from types import TracebackType
+from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from typing import Any, Protocol
 
 import anyio
@@ -34,6 +30,7 @@ from .._meta import ResultMeta
 from .._protocols import Record
 from ._feeds import Feed, run_feed, run_poller
 from ._support import Backoff
+from ._waiter import Deadlines, Waiter
 
 __all__ = ["HubSource", "Waiter", "WaiterHub"]
 
@@ -53,123 +50,6 @@ class HubSource(Protocol):
     def _unwatched(self, task_ids: Sequence[str]) -> None: ...
 
     def _start_task(self, func: Callable[..., Awaitable[Any]], *args: Any, name: str) -> None: ...
-
-
-class _Done:
-    """An awaitable that is already done."""
-
-    __slots__ = ()
-
-    def __await__(self) -> Generator[Any, None, None]:
-        return (yield from ())
-
-
-_DONE = _Done()
-
-
-class Waiter:
-    """One task's watch on some ids; an async context manager (see
-    :class:`~aioresults._protocols.Watch`)."""
-
-    # Kept small: a process may hold tens of thousands of these.
-    __slots__ = ("_deadline", "_hub", "_items", "_opener", "_wake", "ids", "ready_only")
-
-    def __init__(
-        self,
-        hub: WaiterHub,
-        ids: Iterable[str],
-        *,
-        ready_only: bool = False,
-        opener: Callable[[], Awaitable[None]] | None = None,
-    ) -> None:
-        self.ids = tuple(dict.fromkeys(ids))
-        #: Records of no state (PENDING) are not delivered: the caller waits for the end.
-        self.ready_only = ready_only
-        self._hub = hub
-        self._opener = opener
-        self._items: list[Record] | None = None
-        self._wake: asyncio.Future[None] | anyio.Event | None = None
-        self._deadline: list[Any] | None = None
-
-    async def __aenter__(self) -> Waiter:
-        if self._opener is not None:
-            await self._opener()
-        self._hub._add(self)
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Unregister; idempotent, never blocks."""
-        self._hub._remove(self)
-        if self._deadline is not None:
-            self._hub._drop_deadline(self._deadline)
-            self._deadline = None
-
-    def _put(self, record: Record) -> None:
-        if self._items is None:
-            self._items = [record]
-        else:
-            self._items.append(record)
-        wake, self._wake = self._wake, None
-        if wake is None:
-            return
-        if type(wake) is anyio.Event:
-            wake.set()
-            return
-        if self._deadline is not None:
-            self._hub._drop_deadline(self._deadline)
-            self._deadline = None
-        if not wake.done():  # type: ignore[union-attr]
-            wake.set_result(None)  # type: ignore[union-attr]
-
-    def pending(self) -> bool:
-        """Whether a record is waiting to be taken."""
-        return bool(self._items)
-
-    def take(self) -> Record | None:
-        """The next record if one has arrived, else None."""
-        items = self._items
-        if not items:
-            return None
-        return items.pop(0)
-
-    def arrival(self, deadline: float | None = None) -> Awaitable[None]:
-        """Ends when a record arrives or at ``deadline`` (loop time); then
-        :meth:`take` tells which."""
-        if self._items:
-            return _DONE
-        loop = _runtime._get_running_loop()
-        if loop is None:
-            return self._wait_anyio(deadline)
-        future: asyncio.Future[None] = loop.create_future()
-        self._wake = future
-        if deadline is not None:
-            if self._deadline is not None:
-                self._hub._drop_deadline(self._deadline)
-            self._deadline = self._hub._add_deadline(deadline, future)
-        return future
-
-    async def next(self, deadline: float | None = None) -> Record | None:
-        """Wait for and return the next record; None once ``deadline`` has passed."""
-        if not self._items:
-            await self.arrival(deadline)
-        return self.take()
-
-    async def _wait_anyio(self, deadline: float | None) -> None:
-        event = self._wake = anyio.Event()
-        delay = float("inf") if deadline is None else deadline - _runtime.now()
-        try:
-            with anyio.move_on_after(delay):
-                await event.wait()
-        finally:
-            self._wake = None
 
 
 class WaiterHub:
@@ -200,12 +80,8 @@ class WaiterHub:
         self._closed: Exception | None = None
         self._started = False
         self._polling = False
-        # Deadlines of asyncio waiters: [when, seq, future] entries, one timer.
-        self._deadlines: list[list[Any]] = []
-        self._dead_deadlines = 0
-        self._seq = itertools.count()
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = 0.0
+        #: The deadlines of asyncio waiters: one heap, one timer.
+        self.deadlines = Deadlines()
         #: Counters shown by ``wait_stats()``.
         self.registrations = 0
         self.sessions = 0
@@ -545,46 +421,4 @@ class WaiterHub:
         for task_id in list(self.watched):
             for waiter in self._waiters(task_id):
                 waiter._put(Record.failed(task_id, error))
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    # ------------------------------------------------------------ deadlines (asyncio)
-
-    def _add_deadline(self, when: float, future: asyncio.Future[None]) -> list[Any]:
-        entry = [when, next(self._seq), future]
-        heapq.heappush(self._deadlines, entry)
-        if self._timer is None or when < self._timer_at:
-            self._arm(when)
-        return entry
-
-    def _drop_deadline(self, entry: list[Any]) -> None:
-        if entry[2] is not None:
-            entry[2] = None
-            self._dead_deadlines += 1
-            # Entries of waiters woken early: drop them once they are half the heap.
-            if self._dead_deadlines * 2 > len(self._deadlines) > 64:
-                self._deadlines = [e for e in self._deadlines if e[2] is not None]
-                heapq.heapify(self._deadlines)
-                self._dead_deadlines = 0
-
-    def _arm(self, when: float) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer_at = when
-        self._timer = asyncio.get_running_loop().call_at(when, self._expire)
-
-    def _expire(self) -> None:
-        self._timer = None
-        heap = self._deadlines
-        now = asyncio.get_running_loop().time()
-        while heap and heap[0][0] <= now:
-            entry = heapq.heappop(heap)
-            future = entry[2]
-            if future is None:
-                self._dead_deadlines -= 1
-            elif not future.done():
-                entry[2] = None
-                future.set_result(None)
-        if heap:
-            self._arm(heap[0][0])
+        self.deadlines.close()

@@ -100,16 +100,17 @@ class MemoryBackend(KeyValueBackend):
 
     async def _set(self, key: str, value: bytes, ttl: float | None) -> None:
         self._store.data[key] = (value, self._deadline(ttl))
+        # Every backend on this store wakes its waiters with the record itself.
+        prefix = self.global_keyprefix + self.task_keyprefix
+        if key.startswith(prefix):
+            wake_siblings(self._store, [key[len(prefix) :]], [value])
 
     async def _set_guarded(self, key: str, value: bytes, ttl: float | None) -> bool:
         # No await between the check and the write: atomic on the event loop.
         current = self._live(key)
         if isinstance(current, bytes) and current != value and self.is_success(current):
             return False
-        self._store.data[key] = (value, self._deadline(ttl))
-        prefix = self.global_keyprefix + self.task_keyprefix
-        if key.startswith(prefix):
-            wake_siblings(self._store, [key[len(prefix) :]], [value])
+        await self._set(key, value, ttl)
         return True
 
     async def _delete(self, key: str) -> None:

@@ -86,7 +86,7 @@ def create_app(redis_url: str = REDIS_URL) -> FastAPI:
     async def result(task_id: str, timeout: float = Query(10.0, ge=0, le=60)) -> JSONResponse:
         handle: ar.AsyncResult[Any] = ar.AsyncResult(task_id, backend)
         try:
-            meta = await handle.wait(timeout=timeout)
+            meta = await handle.wait_ready(timeout=timeout)
         except ar.ResultTimeout:
             return JSONResponse(describe(await handle.meta()), status_code=202)
         return JSONResponse(describe(meta))

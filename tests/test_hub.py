@@ -1,0 +1,270 @@
+"""The waiter hub on its own, against a fake store it reads and a fake feed.
+
+These are unit tests of the routing, the memo, the feed loop and the poller;
+every backend's behaviour on its real store is in ``tests/backends``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import anyio
+import pytest
+
+from aioresults import BackendClosed, DecodeError, ResultMeta
+from aioresults.backends._feeds import Feed, FeedGone
+from aioresults.backends._hub import WaiterHub
+
+
+class FakeStore:
+    """What a backend gives its hub: raw reads (JSON bytes) and decoding."""
+
+    def __init__(self, poll_interval: float = 0.01) -> None:
+        self.data: dict[str, bytes] = {}
+        self.reads: list[list[str]] = []
+        self.decodes = 0
+        self.fail_reads = 0
+        self.read_delay = 0.0
+        self.poll_interval = poll_interval
+        self.max_poll_interval = poll_interval * 4
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.unwatched: list[str] = []
+
+    def put(self, task_id: str, status: str, result: Any = None) -> bytes:
+        payload = json.dumps({"status": status, "result": result, "task_id": task_id}).encode()
+        self.data[task_id] = payload
+        return payload
+
+    async def _read_raw(self, task_ids: Sequence[str]) -> list[Any]:
+        self.reads.append(list(task_ids))
+        if self.read_delay:
+            await asyncio.sleep(self.read_delay)
+        if self.fail_reads:
+            self.fail_reads -= 1
+            raise ConnectionError("store down")
+        return [self.data.get(t) for t in task_ids]
+
+    def _decode(self, task_id: str, raw: Any) -> ResultMeta:
+        self.decodes += 1
+        try:
+            return ResultMeta.from_dict(json.loads(raw), task_id)
+        except ValueError as exc:
+            raise DecodeError(f"corrupt: {exc}") from exc
+
+    def _unwatched(self, task_ids: Sequence[str]) -> None:
+        self.unwatched.extend(task_ids)
+
+    def _start_task(self, func: Callable[..., Awaitable[Any]], *args: Any, name: str) -> None:
+        task = asyncio.get_running_loop().create_task(func(*args), name=name)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def aclose(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+class FakePush(Feed):
+    """A push feed whose sessions the test controls."""
+
+    kind = "push"
+
+    def __init__(self) -> None:
+        self.watches: list[list[str]] = []
+        self.unwatches: list[str] = []
+        self.fail_next: Exception | None = None
+        self.drop = asyncio.Event()
+        self.started = 0
+
+    async def watch(self, task_ids: Sequence[str]) -> None:
+        await super().watch(task_ids)
+        self.watches.append(list(task_ids))
+
+    def unwatch(self, task_ids: Sequence[str]) -> None:
+        self.unwatches.extend(task_ids)
+
+    async def session(self) -> None:
+        self.started += 1
+        if self.fail_next is not None:
+            error, self.fail_next = self.fail_next, None
+            raise error
+        self.drop = asyncio.Event()
+        self.resynced()
+        await self.drop.wait()
+        raise ConnectionError("dropped")
+
+
+@pytest.fixture
+async def store() -> Any:
+    store = FakeStore()
+    yield store
+    await store.aclose()
+
+
+async def next_meta(waiter: Any, timeout: float = 2.0) -> ResultMeta:
+    record = await waiter.next(anyio.current_time() + timeout)
+    assert record is not None, "nothing arrived"
+    meta: ResultMeta = record.meta()
+    return meta
+
+
+async def test_one_read_for_waiters_of_one_tick_and_one_watch(store: FakeStore) -> None:
+    feed = FakePush()
+    hub = WaiterHub(store, feed, "hub")
+    waiters = [hub.waiter([f"t{i % 10}"]) for i in range(100)]
+    for w in waiters:
+        await w.__aenter__()
+    metas = [await next_meta(w) for w in waiters]
+    assert {m.status for m in metas} == {"PENDING"}
+    assert len(store.reads) == 1 and sorted(store.reads[0]) == [f"t{i}" for i in range(10)]
+    assert len(feed.watches) == 1 and len(feed.watches[0]) == 10  # one watch per id
+    assert len(hub) == 100 and hub.unsettled == 0
+    for w in waiters:
+        w.close()
+    assert len(hub) == 0 and sorted(feed.unwatches) == [f"t{i}" for i in range(10)]
+    assert not hub._last and not hub._versions and not hub.watched
+
+
+async def test_push_is_decoded_once_for_all_its_waiters(store: FakeStore) -> None:
+    hub = WaiterHub(store, FakePush(), "hub")
+    waiters = [hub.waiter(["t"], ready_only=True) for _ in range(50)]
+    for w in waiters:
+        await w.__aenter__()
+    await asyncio.sleep(0.05)
+    assert not any(w.pending() for w in waiters)  # PENDING is not delivered to ready_only
+    hub.deliver("t", store.put("t", "SUCCESS", 7))
+    records = [w.take() for w in waiters]
+    assert all(r is records[0] for r in records)  # one shared record
+    assert store.decodes == 0  # nobody looked yet
+    assert {r.meta().result for r in records if r is not None} == {7}
+    assert store.decodes == 1
+
+
+async def test_same_payload_twice_is_no_change(store: FakeStore) -> None:
+    hub = WaiterHub(store, FakePush(), "hub")
+    async with hub.waiter(["t"]) as w:
+        assert (await next_meta(w)).status == "PENDING"
+        payload = store.put("t", "STARTED")
+        hub.deliver("t", payload)
+        hub.deliver("t", payload)
+        assert await hub.refresh() == 0
+        assert (await next_meta(w)).status == "STARTED"
+        assert not w.pending()
+        hub.deliver("t", store.put("t", "SUCCESS", 1))
+        assert (await next_meta(w)).result == 1
+
+
+async def test_a_corrupt_record_fails_only_its_own_waiters(store: FakeStore) -> None:
+    hub = WaiterHub(store, FakePush(), "hub")
+    async with hub.waiter(["bad"], ready_only=True) as bad, hub.waiter(["good"]) as good:
+        assert (await next_meta(good)).status == "PENDING"
+        hub.deliver("bad", b'{"status": "SUCC')
+        hub.deliver("good", store.put("good", "SUCCESS", 1))
+        with pytest.raises(DecodeError):
+            await next_meta(bad)
+        assert (await next_meta(good)).result == 1
+
+
+async def test_a_read_error_reaches_the_waiters_of_that_batch(store: FakeStore) -> None:
+    hub = WaiterHub(store, FakePush(), "hub")
+    store.fail_reads = 1
+    async with hub.waiter(["t"]) as w:
+        with pytest.raises(ConnectionError):
+            await next_meta(w)
+    async with hub.waiter(["t"]) as w:  # the next batch reads again
+        assert (await next_meta(w)).status == "PENDING"
+
+
+async def test_a_slow_read_never_overwrites_a_newer_push(store: FakeStore) -> None:
+    hub = WaiterHub(store, FakePush(), "hub")
+    store.read_delay = 0.1
+    async with hub.waiter(["t"]) as w:
+        await asyncio.sleep(0.02)  # the first read is under way (and will find nothing)
+        hub.deliver("t", store.put("t", "SUCCESS", "pushed"))
+        assert (await next_meta(w)).result == "pushed"
+        await asyncio.sleep(0.15)
+        assert not w.pending()  # the stale read's PENDING was dropped
+
+
+async def test_a_reconnect_rereads_every_watched_id(store: FakeStore) -> None:
+    feed = FakePush()
+    hub = WaiterHub(store, feed, "hub")
+    async with hub.waiter(["t"], ready_only=True) as w:
+        await asyncio.sleep(0.05)
+        assert hub.sessions == 1
+        store.put("t", "SUCCESS", "while away")  # stored while the feed is down: no push
+        feed.fail_next = ConnectionError("refused once")
+        feed.drop.set()
+        assert (await next_meta(w)).result == "while away"
+        assert feed.started == 3 and hub.sessions == 2 and hub.feed_failures == 2
+
+
+async def test_a_feed_gone_for_good_falls_back_to_polling(store: FakeStore) -> None:
+    feed = FakePush()
+    feed.fail_next = FeedGone("no notifications here")
+    hub = WaiterHub(store, feed, "hub")
+    async with hub.waiter(["t"], ready_only=True) as w:
+        store.put("t", "SUCCESS", "polled")
+        assert (await next_meta(w)).result == "polled"
+        assert hub.mode == "poll" and hub.polls >= 1
+
+
+async def test_the_poller_batches_and_backs_off_and_stops_when_idle(store: FakeStore) -> None:
+    hub = WaiterHub(store, None, "hub")
+    waiters = [hub.waiter([f"t{i}"], ready_only=True) for i in range(20)]
+    for w in waiters:
+        await w.__aenter__()
+    await asyncio.sleep(0.3)
+    polled = [r for r in store.reads[1:] if len(r) == 20]
+    assert polled and all(len(r) == 20 for r in store.reads[1:])  # one read for all
+    # Backed off: 0.01 s doubling to 0.04 s gives far fewer polls than 0.3 / 0.01.
+    assert len(polled) < 15
+    store.put("t3", "SUCCESS", 3)
+    assert (await next_meta(waiters[3])).result == 3
+    for w in waiters:
+        w.close()
+    reads = len(store.reads)
+    await asyncio.sleep(0.2)
+    assert len(store.reads) == reads  # nobody waits: nothing is read
+
+
+async def test_refresh_soon_retries_until_the_store_answers(store: FakeStore) -> None:
+    hub = WaiterHub(store, FakePush(), "hub")
+    async with hub.waiter(["t"], ready_only=True) as w:
+        await asyncio.sleep(0.05)
+        store.put("t", "SUCCESS", 1)
+        store.fail_reads = 2
+        hub.changed(["t"])
+        assert (await next_meta(w, timeout=5)).result == 1
+
+
+async def test_deadlines_share_one_timer(store: FakeStore) -> None:
+    hub = WaiterHub(store, FakePush(), "hub")
+    waiters = [hub.waiter([f"t{i}"], ready_only=True) for i in range(200)]
+    for w in waiters:
+        await w.__aenter__()
+    now = anyio.current_time()
+    arrivals = [w.arrival(now + 0.05 + i * 0.0001) for i, w in enumerate(waiters)]
+    assert len(hub.deadlines.heap) == 200 and hub.deadlines.armed
+    await asyncio.gather(*arrivals)
+    assert anyio.current_time() - now < 1
+    assert all(w.take() is None for w in waiters)  # timed out, nothing arrived
+    for w in waiters:
+        w.close()
+    assert all(e[2] is None for e in hub.deadlines.heap)
+
+
+async def test_closing_fails_every_waiter_and_refuses_new_ones(store: FakeStore) -> None:
+    hub = WaiterHub(store, FakePush(), "hub")
+    async with hub.waiter(["t"], ready_only=True) as w:
+        await asyncio.sleep(0.02)
+        hub.close(BackendClosed("closed"))
+        with pytest.raises(BackendClosed):
+            await next_meta(w)
+    with pytest.raises(BackendClosed):
+        async with hub.waiter(["t"]):
+            pass
