@@ -27,6 +27,17 @@ _SCHEMES: dict[str, tuple[str, str | None]] = {
     "redis+socket": ("aioresults.backends.redis:RedisBackend", "redis"),
     "sentinel": ("aioresults.backends.redis:RedisBackend", "redis"),
     "azureblockblob": ("aioresults.backends.azure_blob:AzureBlockBlobBackend", "azure"),
+    "postgresql": ("aioresults.backends.postgres:PostgresBackend", "postgres"),
+    "postgres": ("aioresults.backends.postgres:PostgresBackend", "postgres"),
+    "db+postgresql": ("aioresults.backends.postgres:PostgresBackend", "postgres"),
+    "mysql": ("aioresults.backends.mysql:MySQLBackend", "mysql"),
+    "mariadb": ("aioresults.backends.mysql:MySQLBackend", "mysql"),
+    "db+mysql": ("aioresults.backends.mysql:MySQLBackend", "mysql"),
+    "db+mariadb": ("aioresults.backends.mysql:MySQLBackend", "mysql"),
+    "rpc": ("aioresults.backends.amqp:RPCBackend", "amqp"),
+    "memcached": ("aioresults.backends.memcached:MemcachedBackend", "memcached"),
+    "cache+memcached": ("aioresults.backends.memcached:MemcachedBackend", "memcached"),
+    "nats": ("aioresults.backends.nats:NatsBackend", "nats"),
 }
 _loaded: dict[str, type[BaseBackend]] = {}
 
@@ -118,6 +129,9 @@ def connect(url: str | None = None, **options: Any) -> BaseBackend:
     if not isinstance(url, str) or "://" not in url:
         raise ConfigurationError("a backend URL looks like scheme://..., e.g. redis://localhost")
     scheme = url.partition("://")[0].lower()
+    if scheme not in _SCHEMES and scheme.startswith("db+") and "+" in scheme[3:]:
+        # SQLAlchemy's driver suffix (db+postgresql+psycopg2://): the dialect decides.
+        scheme = scheme.rpartition("+")[0]
     if scheme not in _SCHEMES:
         raise UnknownBackend(scheme, known_schemes())
     return _load(scheme).from_url(url, **options)

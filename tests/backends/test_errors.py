@@ -36,6 +36,17 @@ def example_urls(tmp_path: Path) -> dict[str, str]:
         "redis+socket": f"redis+socket://{tmp_path}/redis.sock",
         "sentinel": f"sentinel://:{SECRET}@127.0.0.1:1/0?master_name=m",
         "azureblockblob": azure,
+        "postgresql": f"postgresql://user:{SECRET}@127.0.0.1:1/results",
+        "postgres": f"postgres://user:{SECRET}@127.0.0.1:1/results",
+        "db+postgresql": f"db+postgresql://user:{SECRET}@127.0.0.1:1/results",
+        "mysql": f"mysql://user:{SECRET}@127.0.0.1:1/results",
+        "mariadb": f"mariadb://user:{SECRET}@127.0.0.1:1/results",
+        "db+mysql": f"db+mysql+pymysql://user:{SECRET}@127.0.0.1:1/results",
+        "db+mariadb": f"db+mariadb://user:{SECRET}@127.0.0.1:1/results",
+        "rpc": f"rpc://user:{SECRET}@127.0.0.1:1/",
+        "memcached": "memcached://127.0.0.1:1/",
+        "cache+memcached": "cache+memcached://127.0.0.1:1;127.0.0.1:2/",
+        "nats": f"nats://user:{SECRET}@127.0.0.1:1",
     }
 
 
