@@ -7,8 +7,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+from pathlib import Path
 
-SUITES = ["redis", "sqlite", "azure"]
+_ORDER = ["redis", "sqlite", "azure"]
+#: One suite per ``benchmarks/<name>_bench.py``.
+SUITES = sorted(
+    (p.stem.removesuffix("_bench") for p in Path(__file__).parent.glob("*_bench.py")),
+    key=lambda s: (_ORDER.index(s) if s in _ORDER else len(_ORDER), s),
+)
 
 
 def main() -> None:
