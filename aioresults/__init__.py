@@ -32,7 +32,7 @@ from ._meta import ResultMeta
 from ._protocols import ChordProgress, Record, ResultReader, ResultWriter, Watch
 from ._registry import DEFAULT_URL, connect, known_schemes, register_backend
 from ._result import AsyncResult
-from ._serialization import Codec, exception_from_dict, exception_to_dict
+from ._serialization import Codec, exception_from_dict, exception_to_dict, register_type
 from ._worker import TaskTracker, TrackedTask, current_task, task
 from .backends.base import BaseBackend, WaitStats
 from .backends.keyvalue import KeyValueBackend
@@ -80,6 +80,7 @@ __all__ = [
     "exception_to_dict",
     "known_schemes",
     "register_backend",
+    "register_type",
     "result_from_tuple",
     "states",
     "task",

@@ -45,7 +45,7 @@ from ._exceptions import (
     TaskRevokedError,
 )
 
-__all__ = ["Codec", "exception_from_dict", "exception_to_dict"]
+__all__ = ["Codec", "exception_from_dict", "exception_to_dict", "register_type"]
 
 COMPRESSED_MAGIC = b"\x00celery-compressed\x00"
 DEFAULT_MAX_VALUE_SIZE = 512 * 1024 * 1024
@@ -57,7 +57,44 @@ def _tag(kind: str, value: Any) -> dict[str, Any]:
     return {"__type__": kind, "__value__": value}
 
 
+#: Types registered with :func:`register_type`: type -> (marker or None, encoder).
+_CUSTOM_ENCODERS: dict[type, tuple[str | None, Callable[[Any], Any]]] = {}
+
+
+def register_type(
+    t: type[Any],
+    marker: str | None,
+    encoder: Callable[[Any], Any],
+    decoder: Callable[[Any], Any] = lambda value: value,
+) -> None:
+    """Teach the JSON codec a type of your own, as kombu's ``register_type`` does.
+
+    The arguments are those of ``kombu.utils.json.register_type``, so a type
+    registered the same way on both sides round-trips between Celery and
+    aioresults: an instance of ``t`` is stored as ``{"__type__": marker,
+    "__value__": encoder(obj)}`` and read back with ``decoder(value)``. With
+    ``marker=None`` the value is stored as ``encoder(obj)`` with no envelope
+    (and read back as that). Registrations are process-wide, as kombu's are;
+    registering a marker again replaces its decoder.
+
+    A stored record that uses a marker nobody registered raises a
+    :class:`~aioresults.DecodeError` naming the marker, for that record only.
+    """
+    if not isinstance(t, type):
+        raise ConfigurationError(f"register_type needs a type, not {t!r}")
+    if marker is not None and (not isinstance(marker, str) or not marker):
+        raise ConfigurationError("a type marker is a non-empty string (or None)")
+    _CUSTOM_ENCODERS[t] = (marker, encoder)
+    if marker is not None:
+        _TAG_DECODERS[marker] = decoder
+
+
 def _json_default(obj: Any) -> Any:
+    if _CUSTOM_ENCODERS:
+        for kind, (marker, encoder) in _CUSTOM_ENCODERS.items():
+            if isinstance(obj, kind):
+                value = encoder(obj)
+                return value if marker is None else _tag(marker, value)
     # Order matters: datetime is a subclass of date.
     if isinstance(obj, dt.datetime):
         return _tag("datetime", obj.isoformat())
@@ -95,11 +132,14 @@ def _json_object_hook(obj: dict[str, Any]) -> Any:
     if len(obj) == 2 and "__type__" in obj and "__value__" in obj:
         decoder = _TAG_DECODERS.get(obj["__type__"])
         if decoder is None:
-            raise DecodeError(f"unknown JSON type tag {obj['__type__']!r}")
+            raise DecodeError(
+                f"unknown JSON type tag {obj['__type__']!r}: the writer registered a type "
+                "(kombu's register_type); register its decoder with aioresults.register_type()"
+            )
         try:
             return decoder(obj["__value__"])
-        except (TypeError, ValueError, KeyError, decimal.InvalidOperation) as exc:
-            raise DecodeError(f"bad value for JSON type tag {obj['__type__']!r}") from exc
+        except Exception as exc:  # a registered decoder may raise anything
+            raise DecodeError(f"bad value for JSON type tag {obj['__type__']!r}: {exc}") from exc
     return obj
 
 

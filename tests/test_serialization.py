@@ -250,3 +250,63 @@ def test_stop_iteration_is_not_rebuilt_as_itself() -> None:
     for name in ("StopIteration", "StopAsyncIteration"):
         exc = exception_from_dict({"exc_type": name, "exc_message": [1], "exc_module": "builtins"})
         assert isinstance(exc, ar.RemoteTaskError) and exc.remote_type == name
+
+
+class Money:
+    """A type of the application's own, registered with kombu and with aioresults."""
+
+    def __init__(self, amount: str, currency: str) -> None:
+        self.amount, self.currency = amount, currency
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Money) and (self.amount, self.currency) == (
+            other.amount,
+            other.currency,
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def _money_in() -> Any:
+    return lambda m: {"amount": m.amount, "currency": m.currency}
+
+
+def _money_out() -> Any:
+    return lambda v: Money(v["amount"], v["currency"])
+
+
+async def test_custom_json_types_round_trip_with_kombu_and_fail_alone() -> None:
+    from aioresults.backends.memory import MemoryBackend
+
+    value = {"price": Money("9.99", "EUR")}
+    celery_payload = None
+    backend = MemoryBackend()
+    try:
+        # The writer (Celery) registered a type the reader does not know yet.
+        kombu_json.register_type(Money, "money-test", _money_in(), _money_out())
+        celery_payload = kombu_json.dumps(
+            {"status": "SUCCESS", "result": value, "task_id": "m"}
+        ).encode()
+        await backend._ensure_open()
+        await backend._set(backend.task_key("m"), celery_payload, None)
+        await backend.mark_as_done("plain", 1)
+        with pytest.raises(ar.DecodeError, match="money-test.*register_type"):
+            await backend.get_meta("m")
+        assert (await backend.get_meta("plain")).result == 1  # only that record fails
+        # Registered with the same arguments as kombu's: both directions work.
+        ar.register_type(Money, "money-test", _money_in(), _money_out())
+        assert (await backend.get_meta("m")).result == value
+        ours = Codec().encode({"price": Money("1.00", "USD")})
+        assert kombu_json.loads(ours) == {"price": Money("1.00", "USD")}
+        assert json.loads(ours)["price"] == {
+            "__type__": "money-test",
+            "__value__": {"amount": "1.00", "currency": "USD"},
+        }
+    finally:
+        await backend.aclose()
+        kombu_json._encoders.pop(Money, None)
+        kombu_json._decoders.pop("money-test", None)
+        from aioresults import _serialization
+
+        _serialization._CUSTOM_ENCODERS.pop(Money, None)
+        _serialization._TAG_DECODERS.pop("money-test", None)
