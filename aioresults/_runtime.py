@@ -17,7 +17,8 @@ from typing import Any, Generic, TypeVar
 
 import anyio
 import anyio.abc
-import anyio.lowlevel
+
+from ._exceptions import ConfigurationError
 
 __all__ = [
     "Promise",
@@ -47,13 +48,18 @@ def now() -> float:
 
 
 def check_timeout(timeout: float | None) -> float | None:
-    """Return ``timeout`` if it is None or a finite number >= 0, else raise ValueError."""
+    """Return ``timeout`` if it is None or a finite number >= 0.
+
+    :raises ConfigurationError: anything else (NaN and infinity included: use None).
+    """
     if timeout is None:
         return None
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-        raise ValueError(f"timeout must be a number of seconds or None, not {timeout!r}")
+        raise ConfigurationError(f"timeout must be a number of seconds or None, not {timeout!r}")
     if not math.isfinite(timeout) or timeout < 0:
-        raise ValueError(f"timeout must be a finite number >= 0 or None, not {timeout!r}")
+        raise ConfigurationError(
+            f"timeout must be a finite number >= 0, or None to wait for ever; not {timeout!r}"
+        )
     return float(timeout)
 
 
@@ -233,8 +239,3 @@ class TaskOwner:
             except Exception:
                 pass  # reported by _done
         await self.exit_group()
-
-
-async def checkpoint() -> None:
-    """Let every other ready task run once (one event-loop iteration on asyncio)."""
-    await anyio.lowlevel.checkpoint()

@@ -226,3 +226,18 @@ async def test_unchanged_failure_is_not_a_change(backend: MemoryBackend) -> None
     first, second = await backend.get_meta("r"), await backend.get_meta("r")
     assert first is not second and first == second
     assert first != await backend.get_meta("other")
+
+
+@pytest.mark.parametrize("timeout", [float("nan"), float("inf"), -1, -0.5, True, "5"])
+async def test_timeout_must_be_finite_and_not_negative(backend: MemoryBackend, timeout: Any) -> None:
+    result: ar.AsyncResult[Any] = ar.AsyncResult("t", backend)
+    for wait in (
+        lambda: result.get(timeout=timeout),
+        lambda: result.wait_ready(timeout=timeout),
+        lambda: ar.ResultSet([result]).join(timeout=timeout),
+    ):
+        with anyio.fail_after(2), pytest.raises(ar.ConfigurationError, match="timeout"):
+            await wait()
+    with anyio.fail_after(2), pytest.raises(ar.ConfigurationError, match="timeout"):
+        async for _ in result.watch(timeout=timeout):
+            pass

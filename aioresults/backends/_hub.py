@@ -25,7 +25,6 @@ from typing import Any, Protocol
 
 import anyio
 
-from .. import _runtime
 from .._meta import ResultMeta
 from .._protocols import Record
 from ._feeds import Feed, run_feed, run_poller
@@ -196,9 +195,9 @@ class WaiterHub:
     async def _settle(self) -> None:
         """Watch and read for every waiter that registered, in batches."""
         try:
+            # This task's first step runs after every task that was ready when a
+            # waiter registered: the waiters of that iteration are all in.
             while self._to_read and self._closed is None:
-                # Let the waiters created in the same tick join this batch.
-                await _runtime.checkpoint()
                 await self._settle_batch()
         finally:
             self._settling = False
@@ -359,7 +358,6 @@ class WaiterHub:
         backoff = Backoff(0.05, 1.0)
         try:
             while self._closed is None and (self._refresh_all or self._refresh_ids):
-                await _runtime.checkpoint()  # join the requests of this tick
                 every, self._refresh_all = self._refresh_all, False
                 ids, self._refresh_ids = self._refresh_ids, set()
                 try:

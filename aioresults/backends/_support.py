@@ -226,9 +226,9 @@ class Batcher(Generic[A, R]):
 
     async def _drain(self) -> None:
         try:
+            # This task's first step runs after every task that was ready when the
+            # first call was queued: the calls of that iteration are all in.
             while self._queue:
-                # Calls made in this iteration, after the first one, join the batch.
-                await _runtime.checkpoint()
                 if self._linger is not None and (
                     self._max_size is None or len(self._queue) < self._max_size
                 ):
