@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import decimal
+import json
 import uuid
 from typing import Any
 
@@ -195,7 +196,13 @@ async def test_forget(backend: ar.BaseBackend) -> None:
     await backend.forget(new_id())
 
 
-@pytest.mark.parametrize("bad", ["", "a\x00b", "x" * 10_000, "tab\tid", 42])
+# A lone surrogate is what any JSON body can carry: json.loads('"\\udcff"').
+LONE_SURROGATE = json.loads('"\\udcff"')
+
+
+@pytest.mark.parametrize(
+    "bad", ["", "a\x00b", "x" * 10_000, "tab\tid", 42, LONE_SURROGATE, f"ok{LONE_SURROGATE}ok"]
+)
 async def test_hostile_ids_are_refused(backend: ar.BaseBackend, bad: Any) -> None:
     with pytest.raises(ar.InvalidTaskId):
         await backend.mark_as_done(bad, 1)
@@ -205,6 +212,23 @@ async def test_hostile_ids_are_refused(backend: ar.BaseBackend, bad: Any) -> Non
         await backend.forget(bad)
     with pytest.raises(ar.InvalidTaskId):
         await backend.save_group(bad, [[bad, None], []])
+    with pytest.raises(ar.InvalidTaskId):
+        await backend.chord_part_return(new_id(), bad, states.SUCCESS, 1)
+    with pytest.raises(ar.InvalidTaskId):
+        async with backend.waiter([bad]):
+            pass
+
+
+async def test_a_bad_id_fails_alone_among_concurrent_waits(make_backend: MakeBackend) -> None:
+    writer, reader = await make_backend(), await make_backend()
+    ids = [new_id() for _ in range(50)]
+    waits = [asyncio.create_task(ar.AsyncResult(i, reader).get(timeout=20)) for i in ids]
+    bad = asyncio.create_task(ar.AsyncResult(LONE_SURROGATE, reader).get(timeout=20))
+    with pytest.raises(ar.InvalidTaskId):
+        await bad
+    for task_id in ids:
+        await writer.mark_as_done(task_id, task_id)
+    assert await asyncio.gather(*waits) == ids
 
 
 @pytest.mark.parametrize("odd", ["../x", "a/b", "..", "sp ace", "ünïcode-ид"])
