@@ -24,6 +24,7 @@ from ._exceptions import (
     ResultTooLarge,
     SecurityError,
     SerializationError,
+    StoreNotFound,
     TaskRevokedError,
     UnknownBackend,
 )
@@ -68,6 +69,7 @@ __all__ = [
     "ResultWriter",
     "SecurityError",
     "SerializationError",
+    "StoreNotFound",
     "TaskRevokedError",
     "TaskTracker",
     "TrackedTask",

@@ -14,6 +14,7 @@ backend translates them at its boundary and chains the original with ``from``.
     ├── ResultTimeout (TimeoutError)        a wait ran out of time
     ├── BackendError                        the store failed
     │   ├── BackendUnavailable (ConnectionError)   cannot reach the store
+    │   │   └── StoreNotFound               the store is not there (and create=False)
     │   ├── BackendClosed                   the backend was closed under the operation
     │   ├── BackendCorrupted                the store itself is damaged or foreign
     │   └── ResultTooLarge                  an encoded value exceeds the size limit
@@ -48,6 +49,7 @@ __all__ = [
     "ResultTooLarge",
     "SecurityError",
     "SerializationError",
+    "StoreNotFound",
     "TaskRevokedError",
     "UnknownBackend",
 ]
@@ -115,6 +117,11 @@ class BackendError(AioResultsError):
 
 class BackendUnavailable(BackendError, ConnectionError):
     """The result store cannot be reached."""
+
+
+class StoreNotFound(BackendUnavailable):
+    """The store (a file, a directory, tables, a container) is not there, and the
+    backend was told not to create it (``create=False``)."""
 
 
 class BackendClosed(BackendError):

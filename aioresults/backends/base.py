@@ -122,6 +122,10 @@ class BaseBackend(Lifecycle, WorkerMixin, ABC):
     :param poll_interval: where waits are polled, the first pause between polls.
     :param max_poll_interval: polling backs off up to this many seconds while
         nothing changes.
+    :param create: create what the store needs (a file, a directory, tables, a
+        container) when it is missing. With False, opening a store that is not
+        there raises :class:`~aioresults.StoreNotFound` instead, and nothing
+        is created (what a tool that only looks at results wants).
     :param url: the URL shown (redacted) in ``repr()``; backends set it.
     """
 
@@ -145,6 +149,7 @@ class BaseBackend(Lifecycle, WorkerMixin, ABC):
         known_exceptions: Iterable[type[BaseException]] = (),
         poll_interval: float | None = None,
         max_poll_interval: float | None = None,
+        create: bool = True,
     ) -> None:
         self.url = url
         self.expires = seconds(expires, "expires")
@@ -158,6 +163,8 @@ class BaseBackend(Lifecycle, WorkerMixin, ABC):
             max_value_size=max_value_size,
             known_exceptions=known_exceptions,
         )
+        #: Whether a missing store is created (see ``create``).
+        self.create = bool(create)
         self._init_lifecycle(poll_interval, max_poll_interval)
 
     def __repr__(self) -> str:
