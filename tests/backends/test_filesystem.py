@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import threading
 import time
+import tracemalloc
 import uuid
 from pathlib import Path
 from typing import Any
@@ -58,7 +61,7 @@ import sys, anyio
 from aioresults.backends.filesystem import FilesystemBackend
 
 async def main(path, task_id):
-    async with FilesystemBackend(path=path, watch=False) as backend:
+    async with FilesystemBackend(path, watch="poll") as backend:
         await backend.mark_as_started(task_id, {"pid": 1})
         await backend.mark_as_done(task_id, {"from": "child"})
 
@@ -70,17 +73,32 @@ import asyncio, json, sys, time
 from aioresults.backends.filesystem import FilesystemBackend
 
 async def main(path, group_id, start_at):
-    async with FilesystemBackend(path=path, watch=False) as backend:
+    async with FilesystemBackend(path, watch="poll") as backend:
         await asyncio.sleep(max(0.0, float(start_at) - time.time()))
         outcomes = await asyncio.gather(*(
             backend.chord_part_return(group_id, f"part-{i}", "SUCCESS", i, index=i)
             for i in range(50)
         ))
-    final = [o.results for o in outcomes if o.complete]
-    print(json.dumps({"complete": len(final), "counted": sum(o.counted for o in outcomes),
-                      "results": final[0] if final else None}))
+    fields = ("group_id", "task_id", "counted", "count", "size", "complete", "results")
+    print(json.dumps([{f: getattr(o, f) for f in fields} for o in outcomes]))
 
 asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+DIE_AFTER_COMMIT_SCRIPT = """
+import json, os, sys, anyio
+from aioresults import states
+from aioresults.backends.filesystem import FilesystemBackend
+
+async def main(path, group_id):
+    async with FilesystemBackend(path, watch="poll") as backend:
+        done = await backend.chord_part_return(group_id, "c", states.SUCCESS, "C", index=2)
+        print(json.dumps({"counted": done.counted, "complete": done.complete,
+                          "count": done.count}), flush=True)
+        os._exit(3)  # dies after the commit, before running the chord's body
+
+anyio.run(main, *sys.argv[1:])
 """
 
 
@@ -114,9 +132,9 @@ def test_other_urls_are_refused(url: str) -> None:
 
 def test_bad_options_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ar.ConfigurationError):
-        FilesystemBackend(path=tmp_path, poll_interval=2, max_poll_interval=1)
+        FilesystemBackend(tmp_path, poll_interval=2, max_poll_interval=1)
     with pytest.raises(ar.ConfigurationError):
-        FilesystemBackend(path=tmp_path, global_keyprefix="../up")
+        FilesystemBackend(tmp_path, global_keyprefix="../up")
 
 
 async def test_missing_directory_is_created(make_file_backend: BackendFactory) -> None:
@@ -130,18 +148,60 @@ async def test_unusable_path_is_a_configuration_error(tmp_path: Path) -> None:
     regular = tmp_path / "file"
     regular.write_bytes(b"")
     for path in (regular, regular / "below"):
-        backend = FilesystemBackend(path=path)
+        backend = FilesystemBackend(path)
         with pytest.raises(ar.ConfigurationError, match="directory"):
             await backend.get_meta("t")
         await backend.aclose()
 
 
 async def test_vanished_directory_is_unavailable(make_file_backend: BackendFactory) -> None:
+    """A directory replaced by something else cannot be used: writes and reads say
+    so. (A directory that is merely removed is created again: see the next test.)"""
     backend = await make(make_file_backend)
     await backend.mark_as_done("t", 1)
     shutil.rmtree(backend.path)
-    with pytest.raises(ar.BackendUnavailable, match="unavailable"):
+    await anyio.Path(backend.path).write_bytes(b"")
+    unavailable = f"cannot use result directory {re.escape(backend.path)}"
+    with pytest.raises(ar.BackendUnavailable, match=unavailable):
         await backend.mark_as_done("u", 1)
+    with pytest.raises(ar.BackendUnavailable, match=unavailable):
+        await backend.get_meta("t")
+    assert await anyio.Path(backend.path).read_bytes() == b""
+
+
+async def test_removed_directory_is_created_again_and_watched_again(
+    make_file_backend: BackendFactory,
+) -> None:
+    """The directory is removed while a backend is open and a waiter waits through
+    inotify: the next write creates it again, and the feed, told by IN_IGNORED that
+    its watch is gone, watches the new directory, so a record stored there by
+    another process wakes the waiter."""
+    backend = await make(make_file_backend, watch="notify")
+    await backend.mark_as_done("before", 1)
+    task_id = new_id()
+    async with backend.waiter([task_id]) as waiter:
+        with anyio.fail_after(5):
+            first = await waiter.next()
+        assert first is not None and first.meta().status == states.PENDING
+        shutil.rmtree(backend.path)
+        with anyio.fail_after(5):
+            while backend.wait_stats().feed_failures < 1:  # IN_IGNORED has been read
+                await anyio.sleep(0.01)
+        assert await backend.mark_as_done("after", 2)
+        assert "celery-task-meta-after" in files(backend.path)
+        assert (await backend.get_meta("after")).result == 2
+        await run_python(WRITE_SCRIPT, backend.path, task_id)
+        with anyio.fail_after(5):
+            while True:
+                record = await waiter.next()
+                assert record is not None
+                if record.meta().ready:
+                    break
+        assert record.meta().result == {"from": "child"}
+    stats = backend.wait_stats()
+    # Woken by inotify on the new directory (or by the re-read once it watched it
+    # again), never by a poller.
+    assert stats.mode == "inotify" and stats.sessions == 2 and stats.polls == 0
 
 
 # ------------------------------------------------------------------ Celery's files
@@ -205,6 +265,39 @@ async def test_half_written_celery_file_is_read_again(make_file_backend: Backend
     os.utime(path, (OLD, OLD))
     with pytest.raises(ar.DecodeError):
         await backend.get_meta("t")
+
+
+async def test_reads_allocate_by_file_size_not_by_the_limit(
+    make_file_backend: BackendFactory,
+) -> None:
+    """A 10-byte record under a 2 GiB max_value_size is read with a buffer of its
+    own size (a read sized by the limit would allocate 2 GiB); a file larger than
+    max_value_size is still refused."""
+    backend = await make(make_file_backend, max_value_size=2**31)
+    await backend.mark_as_done("other", 1)  # creates the directory
+    tiny = anyio.Path(backend.path, "celery-task-meta-tiny")
+    await tiny.write_bytes(b'{"x":1234}')
+    assert (await tiny.stat()).st_size == 10
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        meta = await backend.get_meta("tiny")
+        other = await backend.get_meta("other")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert meta.status == states.PENDING and meta.extra == {"x": 1234}
+    assert other.result == 1
+    assert peak < 16 * 2**20, f"reading two small files peaked at {peak} bytes"
+    small = await make(make_file_backend, max_value_size=100)
+    await anyio.Path(backend.path, "celery-task-meta-big").write_bytes(
+        json.dumps({"status": "SUCCESS", "result": "x" * 200, "task_id": "big"}).encode()
+    )
+    with pytest.raises(ar.ResultTooLarge):
+        await small.get_meta("big")
+    with pytest.raises(ar.ResultTooLarge):
+        await small.get_many(["other", "big"])
+    assert (await backend.get_meta("big")).result == "x" * 200
 
 
 # ------------------------------------------------------------------ atomic writes
@@ -290,7 +383,7 @@ HOSTILE = [
 
 @pytest.mark.parametrize("bad", HOSTILE, ids=lambda s: repr(s)[:20])
 async def test_hostile_ids_write_nothing(tmp_path: Path, bad: str) -> None:
-    async with FilesystemBackend(path=tmp_path / "results") as backend:
+    async with FilesystemBackend(tmp_path / "results") as backend:
         await backend.mark_as_done("fine", 1)
         before = tree(tmp_path)
         with pytest.raises(ar.InvalidTaskId):
@@ -395,8 +488,8 @@ async def test_forget_missing_is_a_no_op(make_file_backend: BackendFactory) -> N
 async def test_inotify_wakes_a_waiter_for_another_instance(
     make_file_backend: BackendFactory,
 ) -> None:
-    waiting = await make(make_file_backend, watch=True)
-    writing = await make(make_file_backend, watch=False)
+    waiting = await make(make_file_backend, watch="notify")
+    writing = await make(make_file_backend, watch="poll")
     task_id = new_id()
 
     async def store_later() -> None:
@@ -406,32 +499,38 @@ async def test_inotify_wakes_a_waiter_for_another_instance(
     async with anyio.create_task_group() as tg:
         tg.start_soon(store_later)
         assert await ar.AsyncResult(task_id, waiting).get(timeout=10) == "pushed"
-    assert waiting.waiting_by == "inotify"  # no poller runs: inotify woke it
+    stats = waiting.wait_stats()
+    assert stats.mode == "inotify" and stats.polls == 0  # no poller runs
 
 
-@pytest.mark.parametrize("watch", [True, False], ids=["inotify", "polling"])
+@pytest.mark.parametrize("watch", ["notify", "poll"], ids=["inotify", "polling"])
 async def test_store_from_another_process_wakes_a_waiter(
-    make_file_backend: BackendFactory, watch: bool
+    make_file_backend: BackendFactory, watch: str
 ) -> None:
     backend = await make(make_file_backend, watch=watch, poll_interval=0.02, max_poll_interval=0.1)
     task_id = new_id()
     async with backend.waiter([task_id]) as waiter:
-        _, first = await waiter.next()
-        assert isinstance(first, ar.ResultMeta) and first.status == states.PENDING
+        first = await waiter.next()
+        assert first is not None and first.meta().status == states.PENDING
         await run_python(WRITE_SCRIPT, backend.path, task_id)
         with anyio.fail_after(10):
             while True:
-                _, item = await waiter.next()
-                assert isinstance(item, ar.ResultMeta)
-                if item.ready:
+                record = await waiter.next()
+                assert record is not None
+                meta = record.meta()
+                if meta.ready:
                     break
-    assert item.result == {"from": "child"}
-    assert backend.waiting_by == ("inotify" if watch else "polling")
+    assert meta.result == {"from": "child"}
+    stats = backend.wait_stats()
+    if watch == "notify":
+        assert stats.mode == "inotify" and stats.polls == 0
+    else:
+        assert stats.mode == "poll" and stats.polls > 0
 
 
 async def test_polling_wakes_its_own_writes_at_once(make_file_backend: BackendFactory) -> None:
     # A poller this slow would not see the write within the timeout: the store delivers it.
-    backend = await make(make_file_backend, watch=False, poll_interval=600, max_poll_interval=600)
+    backend = await make(make_file_backend, watch="poll", poll_interval=600, max_poll_interval=600)
     task_id = new_id()
 
     async def store_later() -> None:
@@ -441,49 +540,59 @@ async def test_polling_wakes_its_own_writes_at_once(make_file_backend: BackendFa
     async with anyio.create_task_group() as tg:
         tg.start_soon(store_later)
         assert await ar.AsyncResult(task_id, backend).get(timeout=10) == "local"
-    assert backend.waiting_by == "polling"
+    assert backend.wait_stats().mode == "poll"
 
 
 async def test_unchanged_records_are_not_delivered_again(
     make_file_backend: BackendFactory,
 ) -> None:
-    backend = await make(make_file_backend, watch=False, poll_interval=0.01, max_poll_interval=0.01)
-    other = await make(make_file_backend, watch=False)
+    backend = await make(
+        make_file_backend, watch="poll", poll_interval=0.01, max_poll_interval=0.01
+    )
+    other = await make(make_file_backend, watch="poll")
     failed, pending = new_id(), new_id()
     async with backend.waiter([failed, pending]) as waiter:
         await waiter.next()
         await waiter.next()
         await other.mark_as_failure(failed, ValueError("once"))
         with anyio.fail_after(10):
-            task_id, item = await waiter.next()
-        assert task_id == failed and isinstance(item, ar.ResultMeta)
-        assert isinstance(item.result, ValueError)
+            record = await waiter.next()
+        assert record is not None and record.task_id == failed
+        assert isinstance(record.meta().result, ValueError)
+        polls = backend.wait_stats().polls
         await anyio.sleep(0.2)  # many polls; the failure (a new exception each read) is old news
+        assert backend.wait_stats().polls > polls
         assert not waiter.pending()
 
 
 async def test_waiting_survives_the_directory_being_replaced(
     make_file_backend: BackendFactory,
 ) -> None:
+    """The watched directory is removed and made again by someone else: the feed
+    sees its watch go (IN_IGNORED), watches the new directory, and a record stored
+    there by another process wakes the waiter."""
     backend = await make(make_file_backend, poll_interval=0.02, max_poll_interval=0.1)
     task_id = new_id()
     async with backend.waiter([task_id]) as waiter:
         await waiter.next()
-        assert backend.waiting_by == "inotify"
+        assert backend.wait_stats().mode == "inotify"
+        assert backend.wait_stats().sessions == 1
         shutil.rmtree(backend.path)
         with anyio.fail_after(10):
-            while backend.waiting_by != "polling":
+            while backend.wait_stats().feed_failures < 1:
                 await anyio.sleep(0.01)
         os.makedirs(backend.path)
-        writer = await make(make_file_backend, watch=False)
-        await writer.mark_as_done(task_id, "after")
+        await run_python(WRITE_SCRIPT, backend.path, task_id)
         with anyio.fail_after(10):
             while True:
-                _, item = await waiter.next()
-                assert isinstance(item, ar.ResultMeta)
-                if item.ready:
+                record = await waiter.next()
+                assert record is not None
+                meta = record.meta()
+                if meta.ready:
                     break
-        assert item.result == "after"
+        assert meta.result == {"from": "child"}
+    stats = backend.wait_stats()
+    assert stats.mode == "inotify" and stats.sessions == 2 and stats.polls == 0
 
 
 def inotify_fds() -> int:
@@ -496,16 +605,37 @@ def inotify_fds() -> int:
 
 async def test_aclose_stops_the_watcher_then_closes_inotify(tmp_path: Path) -> None:
     before = inotify_fds()
-    backend = FilesystemBackend(path=tmp_path)
+    backend = FilesystemBackend(tmp_path)
+
+    def feed_tasks() -> list[asyncio.Task[Any]]:
+        return [t for t in asyncio.all_tasks() if t.get_name() == f"{backend!r} feed"]
+
+    # The watch is set up for the first waiter (an idle backend holds no inotify).
     await backend.get_meta("t")
+    assert inotify_fds() == before and not feed_tasks()
+    async with backend.waiter(["t"]) as waiter:
+        with anyio.fail_after(5):
+            assert await waiter.next() is not None
+    assert backend.wait_stats().sessions == 1
     assert inotify_fds() == before + 1
-    assert any("inotify" in t.get_name() for t in asyncio.all_tasks())
+    assert len(feed_tasks()) == 1
     await backend.aclose()
     assert inotify_fds() == before
-    assert not any("inotify" in t.get_name() for t in asyncio.all_tasks())
+    assert not feed_tasks()
 
 
 # ------------------------------------------------------------------ chords
+
+
+def check_duplicate_deliveries(outcomes: list[ar.ChordProgress], size: int) -> None:
+    """Every part counted once; only the completing part's deliveries complete, all
+    with the results, and exactly one of them is the call that counted it."""
+    assert sum(o.counted for o in outcomes) == size
+    completing = [o for o in outcomes if o.complete]
+    assert sum(o.counted for o in completing) == 1
+    assert len({o.task_id for o in completing}) == 1
+    assert all(o.results == list(range(size)) for o in completing)
+    assert all(o.count is not None and o.count <= size for o in outcomes)
 
 
 async def test_chord_parts_counted_once_across_instances(
@@ -521,9 +651,8 @@ async def test_chord_parts_counted_once_across_instances(
             for b, i in deliveries
         )
     )
-    assert sum(o.complete for o in outcomes) == 1
-    assert sum(o.counted for o in outcomes) == 50
-    assert next(o for o in outcomes if o.complete).results == list(range(50))
+    check_duplicate_deliveries(outcomes, 50)
+    assert 1 <= sum(o.complete for o in outcomes) <= 2
 
 
 async def test_chord_parts_counted_once_across_processes(
@@ -533,37 +662,117 @@ async def test_chord_parts_counted_once_across_processes(
     group_id = new_id()
     await backend.set_chord_size(group_id, 50)
     start_at = time.time() + 1.5  # the children start together with this process
-    reports: list[dict[str, Any]] = []
+    outcomes: list[ar.ChordProgress] = []
 
     async def child() -> None:
-        reports.append(
-            json.loads(await run_python(CHORD_SCRIPT, backend.path, group_id, str(start_at)))
-        )
+        report = await run_python(CHORD_SCRIPT, backend.path, group_id, str(start_at))
+        outcomes.extend(ar.ChordProgress(**o) for o in json.loads(report))
 
     async def here() -> None:
         await anyio.sleep(start_at - time.time())
-        outcomes = await asyncio.gather(
-            *(
-                backend.chord_part_return(group_id, f"part-{i}", states.SUCCESS, i, index=i)
-                for i in range(50)
+        outcomes.extend(
+            await asyncio.gather(
+                *(
+                    backend.chord_part_return(group_id, f"part-{i}", states.SUCCESS, i, index=i)
+                    for i in range(50)
+                )
             )
-        )
-        final = [o.results for o in outcomes if o.complete]
-        reports.append(
-            {
-                "complete": len(final),
-                "counted": sum(o.counted for o in outcomes),
-                "results": final[0] if final else None,
-            }
         )
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(child)
         tg.start_soon(child)
         tg.start_soon(here)
-    assert sum(r["complete"] for r in reports) == 1
-    assert sum(r["counted"] for r in reports) == 50
-    assert [r["results"] for r in reports if r["complete"]] == [list(range(50))]
+    assert len(outcomes) == 150  # each part delivered three times, once per process
+    check_duplicate_deliveries(outcomes, 50)
+    assert 1 <= sum(o.complete for o in outcomes) <= 3
+
+
+async def test_chord_part_whose_file_never_landed_is_counted_again(
+    make_file_backend: BackendFactory,
+) -> None:
+    """A worker bumped the counter for part B and died (or hit ENOSPC) before B's
+    own file was renamed into place: the counter names B as its last part and B's
+    file is missing. The next count, of any part, rolls the counter back; B's
+    redelivery is then counted and the chord completes with every result.
+
+    The reverse, a part file whose count the counter does not hold, cannot
+    happen: under the directory's lock the counter is renamed into place
+    *before* the part file, each rename is atomic, and nothing else writes
+    either file while the lock is held. So a crash can only leave the counter one
+    ahead, naming the one part whose file is missing, which the next count sees.
+    """
+    backend = await make(make_file_backend)
+    group_id = new_id()
+    await backend.set_chord_size(group_id, 3)
+    a = await backend.chord_part_return(group_id, "a", states.SUCCESS, "A", index=0)
+    assert a.counted and a.count == 1
+    # What the dying worker left: the counter bumped for B ("<count> <part hash>"),
+    # written as the backend writes it, and no file for B.
+    directory = anyio.Path(backend.path)
+    parts = directory / f".celery-taskset-meta-{group_id}.p"
+    counter = directory / f"celery-taskset-meta-{group_id}.n"
+    b_hash = hashlib.sha256(b"b:1").hexdigest()
+    await counter.write_bytes(f"2 {b_hash}".encode())
+    assert not await (parts / b_hash).exists()
+    # The next part takes B's place in the count: B was never counted.
+    c = await backend.chord_part_return(group_id, "c", states.SUCCESS, "C", index=2)
+    assert c.counted and c.count == 2 and not c.complete
+    c_hash = hashlib.sha256(b"c:2").hexdigest()
+    assert await counter.read_bytes() == f"2 {c_hash}".encode()
+    # B's redelivery is counted, and completes the chord.
+    b = await backend.chord_part_return(group_id, "b", states.SUCCESS, "B", index=1)
+    assert b.counted and b.count == 3 and b.complete
+    assert b.results == ["A", "B", "C"]
+    assert await counter.read_bytes() == f"3 {b_hash}".encode()
+    assert sorted([p.name async for p in parts.iterdir()]) == sorted(
+        hashlib.sha256(p.encode()).hexdigest() for p in ("a:0", "b:1", "c:2")
+    )
+
+
+async def test_chord_dead_worker_last_part_rolled_back_on_its_own_redelivery(
+    make_file_backend: BackendFactory,
+) -> None:
+    """The same crash on the part that would complete the chord: its redelivery
+    rolls the counter back, is counted, and completes it."""
+    backend = await make(make_file_backend)
+    group_id = new_id()
+    await backend.set_chord_size(group_id, 2)
+    await backend.chord_part_return(group_id, "a", states.SUCCESS, "A", index=0)
+    b_hash = hashlib.sha256(b"b:1").hexdigest()
+    counter = anyio.Path(backend.path, f"celery-taskset-meta-{group_id}.n")
+    await counter.write_bytes(f"2 {b_hash}".encode())
+    b = await backend.chord_part_return(group_id, "b", states.SUCCESS, "B", index=1)
+    assert b.counted and b.count == 2 and b.complete and b.results == ["A", "B"]
+
+
+async def test_chord_completing_part_redelivered_after_its_worker_died(
+    make_file_backend: BackendFactory,
+) -> None:
+    """A worker in another process counts the chord's last part, learns it is
+    complete, and dies before running the body. The broker redelivers that part
+    (a new call, a new receipt): it reports complete again, with the results, so
+    the body still runs. A redelivery of another part does not complete."""
+    backend = await make(make_file_backend)
+    group_id = new_id()
+    await backend.set_chord_size(group_id, 3)
+    first = await backend.chord_part_return(group_id, "a", states.SUCCESS, "A", index=0)
+    await backend.chord_part_return(group_id, "b", states.SUCCESS, "B", index=1)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    died = await anyio.run_process(
+        [sys.executable, "-c", DIE_AFTER_COMMIT_SCRIPT, backend.path, group_id],
+        cwd=ROOT,
+        env=env,
+        check=False,
+    )
+    assert died.returncode == 3, died.stderr.decode()
+    assert json.loads(died.stdout) == {"counted": True, "complete": True, "count": 3}
+    again = await backend.chord_part_return(group_id, "c", states.SUCCESS, "C", index=2)
+    assert again.complete and not again.counted and again.count == 3
+    assert again.results == ["A", "B", "C"] and not again.failed
+    other = await backend.chord_part_return(group_id, "a", states.SUCCESS, "A", index=0)
+    assert not other.complete and not other.counted
+    assert other.count == first.count == 1 and other.results is None
 
 
 # ------------------------------------------------------------------ trio
@@ -573,11 +782,11 @@ async def _trio_scenario(directory: Path) -> None:
     assert sniffio.current_async_library() == "trio"
     shared = f"trio-{uuid.uuid4().hex}"
     pairs: list[tuple[ar.BaseBackend, ar.BaseBackend]] = [
-        (MemoryBackend(name=shared), MemoryBackend(name=shared)),
-        (FilesystemBackend(path=directory, watch=True), FilesystemBackend(path=directory)),
+        (MemoryBackend(shared), MemoryBackend(shared)),
+        (FilesystemBackend(directory, watch="notify"), FilesystemBackend(directory)),
         (
-            FilesystemBackend(path=directory / "p", watch=False, poll_interval=0.01),
-            FilesystemBackend(path=directory / "p", watch=False),
+            FilesystemBackend(directory / "p", watch="poll", poll_interval=0.01),
+            FilesystemBackend(directory / "p", watch="poll"),
         ),
     ]
     for waiting, writing in pairs:
@@ -592,7 +801,9 @@ async def _trio_scenario(directory: Path) -> None:
                 tg.start_soon(store_later)
                 assert await ar.AsyncResult(task_id, waiting).get(timeout=10) == "trio"
             if isinstance(waiting, FilesystemBackend):
-                assert waiting.waiting_by == ("polling" if waiting.watch is False else "inotify")
+                assert waiting.wait_stats().mode == (
+                    "poll" if waiting.watch == "poll" else "inotify"
+                )
             await writing.set_chord_size(group_id, 2)
             await writing.chord_part_return(group_id, "a", states.SUCCESS, 1, index=0)
             done = await waiting.chord_part_return(group_id, "b", states.SUCCESS, 2, index=1)

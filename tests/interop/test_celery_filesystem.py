@@ -96,7 +96,7 @@ async def test_celerys_write_wakes_our_waiter(
     async with anyio.create_task_group() as tg:
         tg.start_soon(store_later)
         assert await ar.AsyncResult(task_id, backend).get(timeout=10) == "pushed"
-    assert backend.waiting_by == "inotify"
+    assert backend.wait_stats().mode == "inotify"
 
 
 # ------------------------------------------------------------------ we write, Celery reads
@@ -191,7 +191,7 @@ async def test_compressed_results_cross_both_ways(directory: Path) -> None:
     app = celery.Celery("interop", broker="memory://", backend=f"file://{directory}")
     app.conf.result_compression = "zlib"
     try:
-        async with FilesystemBackend(path=directory, compression="zlib") as backend:
+        async with FilesystemBackend(directory, compression="zlib") as backend:
             ours, theirs = new_id(), new_id()
             await backend.mark_as_done(ours, {"x": "y" * 100})
             app.backend.store_result(theirs, [1, 2, 3], states.SUCCESS)

@@ -17,8 +17,7 @@ async def make_file_backend(tmp_path: Path) -> AsyncIterator[BackendFactory]:
     directory = tmp_path / "results"
 
     def create(**options: Any) -> FilesystemBackend:
-        options.setdefault("path", directory)
-        return FilesystemBackend(**options)
+        return FilesystemBackend(options.pop("location", directory), **options)
 
     factory = BackendFactory(create)
     yield factory

@@ -54,6 +54,7 @@ from ..._exceptions import (
     ConfigurationError,
     DecodeError,
     InvalidTaskId,
+    StoreNotFound,
 )
 from ..._meta import ResultMeta
 from .. import _inotify
@@ -174,6 +175,10 @@ class FilesystemBackend(KeyValueBackend):
     async def _open(self) -> None:
         if sys.platform == "win32":  # pragma: no cover - no flock there
             raise ConfigurationError("the file:// backend needs POSIX file locks (not Windows)")
+        if not self.create:
+            if not await anyio.to_thread.run_sync(os.path.isdir, self.path):
+                raise StoreNotFound(f"no store at {self.path}: the directory does not exist")
+            return
         await self._run(self._dir.prepare)
 
     def _feed(self) -> Feed | None:
@@ -199,7 +204,11 @@ class FilesystemBackend(KeyValueBackend):
         try:
             return await self._run(func, *args)
         except BackendUnavailable as exc:
-            if not isinstance(exc.__cause__, FileNotFoundError) or os.path.isdir(self.path):  # noqa: ASYNC240 - one stat, after a failure
+            if (
+                not self.create
+                or not isinstance(exc.__cause__, FileNotFoundError)
+                or os.path.isdir(self.path)  # noqa: ASYNC240 - one stat, after a failure
+            ):
                 raise
         await self._run(self._dir.prepare)
         return await self._run(func, *args)

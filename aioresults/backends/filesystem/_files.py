@@ -66,6 +66,10 @@ class ResultDirectory:
             os.makedirs(self.path, exist_ok=True)
         except FileExistsError as exc:
             raise ConfigurationError(f"result path {self.path} is not a directory") from exc
+        except OSError as exc:  # a parent is a file (ENOTDIR), not writable, ...
+            raise ConfigurationError(
+                f"cannot create result directory {self.path}: {exc.strerror or exc}"
+            ) from exc
         if not os.path.isdir(self.path):
             raise ConfigurationError(f"result path {self.path} is not a directory")
         try:
@@ -250,6 +254,9 @@ class ResultDirectory:
             finally:
                 _unlink_quietly(temp)
             os.makedirs(directory, exist_ok=True)
+            # The directory is what cleanup() sees: it carries the chord's expiry
+            # too, restarted by each part (else it would expire by its age alone).
+            self.stamp(directory, ttl)
             header = f"{count} {receipt}\n".encode()
             temp = self.write_temp(header + _LENGTH.pack(len(payload)) + payload, ttl)
             try:
