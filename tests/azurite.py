@@ -83,11 +83,13 @@ class Azurite:
         """The account's blob endpoint URL."""
         return f"http://127.0.0.1:{self.port}/{ACCOUNT_NAME}"
 
-    def connection_string(self, key: str = ACCOUNT_KEY) -> str:
-        """The development account's connection string (``key`` may be replaced)."""
+    def connection_string(self, key: str = ACCOUNT_KEY, *, port: int | None = None) -> str:
+        """The development account's connection string (``key`` may be replaced;
+        ``port`` points it at another port, such as a proxy's in front of this one)."""
+        endpoint = self.blob_endpoint if port is None else f"http://127.0.0.1:{port}/{ACCOUNT_NAME}"
         return (
             f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT_NAME};AccountKey={key};"
-            f"BlobEndpoint={self.blob_endpoint};"
+            f"BlobEndpoint={endpoint};"
         )
 
     def start(self) -> None:

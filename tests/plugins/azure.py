@@ -41,9 +41,14 @@ class AzureFactory(BackendFactory):
         self.connection_string = server.connection_string()
         super().__init__(self._make)
 
-    def _make(self, **options: Any) -> AzureBlockBlobBackend:
+    def _make(self, *, port: int | None = None, **options: Any) -> AzureBlockBlobBackend:
+        """A backend on the test's container; ``port`` sends its requests to
+        another port (a :class:`~tests.faultproxy.FaultProxy` in front of Azurite)."""
         options.setdefault("container_name", self.container)
-        return AzureBlockBlobBackend(self.connection_string, **options)
+        connection = (
+            self.connection_string if port is None else self.server.connection_string(port=port)
+        )
+        return AzureBlockBlobBackend(connection, **options)
 
     async def delete_container(self) -> None:
         async with BlobServiceClient.from_connection_string(

@@ -38,9 +38,13 @@ poller sends nothing.
 
 **Errors**: connection failures and a service that stays busy (429, 5xx) after
 ``retries`` retries raise :class:`~aioresults.BackendUnavailable`; refused
-credentials and other failures :class:`~aioresults.BackendError`. A container
-that disappears (deleted, or Azurite restarted) reads as empty and, with
-``create_container`` (the default), is created again by the next write.
+credentials and other failures :class:`~aioresults.BackendError`; messages end
+with the service's status and error code (``(403 AuthorizationFailure)``). A
+container that disappears (deleted, or Azurite restarted) reads as empty and,
+with ``create_container`` (the default), is created again by the next write;
+without it (or with ``create=False``) a missing container raises
+:class:`~aioresults.StoreNotFound` naming it, at open and at a write. While the
+service is out of reach, polls fail and are tried again: waiters keep waiting.
 Account keys and SAS signatures never appear in ``repr()``, errors or logs.
 
 Runs on asyncio (the SDK's aio client is built on aiohttp).
@@ -59,9 +63,10 @@ from typing import Any, ClassVar
 from ..._exceptions import (
     AioResultsError,
     BackendCorrupted,
-    BackendError,
+    BackendUnavailable,
     ConfigurationError,
     InvalidTaskId,
+    StoreNotFound,
 )
 from .._chords import PartCount
 from ..base import redact_url
@@ -85,7 +90,8 @@ class AzureBlockBlobBackend(KeyValueBackend):
     a SAS token, an ``AzureNamedKeyCredential`` or an async token credential).
 
     :param container_name: the container (created on first use unless
-        ``create_container`` is False); Celery's ``azureblockblob_container_name``.
+        ``create_container`` or ``create`` is False); Celery's
+        ``azureblockblob_container_name``.
     :param base_path: prepended to every blob name; Celery's ``azureblockblob_base_path``.
     :param max_concurrency: the most requests in flight at once.
     :param list_threshold: a batch of at least this many reads first lists the
@@ -118,7 +124,7 @@ class AzureBlockBlobBackend(KeyValueBackend):
         retries: int = 3,
         retry_backoff: float = 0.5,
         connection_timeout: float = 20.0,
-        read_timeout: float = 30.0,
+        read_timeout: float = 120.0,
         use_env_settings: bool | None = None,
         url: str | None = None,
         **options: Any,
@@ -136,6 +142,12 @@ class AzureBlockBlobBackend(KeyValueBackend):
             "=" in part for part in connection_string.split(";") if part.strip()
         ):
             raise ConfigurationError("a connection string looks like 'AccountName=...;...'")
+        # (BaseBackend reads 0 as "the default"; a pause of 0 would poll in a busy loop.)
+        if any(
+            options.get(name) is not None and not options[name] > 0
+            for name in ("poll_interval", "max_poll_interval")
+        ):
+            raise ConfigurationError("need 0 < poll_interval <= max_poll_interval")
         if max_concurrency < 1 or retries < 0 or retry_backoff < 0:
             raise ConfigurationError("need max_concurrency >= 1, retries and retry_backoff >= 0")
         if not container_name:
@@ -145,7 +157,9 @@ class AzureBlockBlobBackend(KeyValueBackend):
         super().__init__(url=url or PREFIX + (connection_string or account_url or ""), **options)
         self.container_name = container_name
         self.base_path = base_path
-        self.create_container = create_container
+        #: Create the container when it is missing (at open, and again when it was
+        #: deleted under a write); False with ``create=False`` too.
+        self.create_container = create_container and self.create
         self.list_threshold = list_threshold
         #: What this backend asked of the service: ``requests`` made (the SDK's own
         #: retries not counted), ``downloads`` (GETs answered with a body),
@@ -213,8 +227,8 @@ class AzureBlockBlobBackend(KeyValueBackend):
     async def _ensure_container(self) -> None:
         blobs = self._blobs
         if not self.create_container:
-            if not await blobs.call(blobs.container.exists):
-                raise BackendError(
+            if not await blobs.call(blobs.open_container().exists):
+                raise StoreNotFound(
                     f"container {self.container_name!r} does not exist at "
                     f"{redact_url(blobs.service.url)} and create_container is False"
                 )
@@ -222,7 +236,7 @@ class AzureBlockBlobBackend(KeyValueBackend):
         from azure.core.exceptions import HttpResponseError, ResourceExistsError
 
         try:
-            await blobs.call(blobs.container.create_container)
+            await blobs.call(blobs.open_container().create_container)
         except ResourceExistsError:
             pass
         except HttpResponseError as exc:
@@ -267,6 +281,12 @@ class AzureBlockBlobBackend(KeyValueBackend):
         """Read ``keys``, batched with every other read of this moment; watched ones
         with conditional GETs."""
         results: list[bytes | None | Exception] = await self._reads(list(keys))
+        for result in results:
+            if isinstance(result, BackendUnavailable):
+                # The service was out of reach: these ids are not known to be
+                # anything, so the read fails as a whole (a poll is tried again,
+                # instead of handing the outage to the waiters as their result).
+                raise _own_copy(result)
         return results
 
     async def _read_batch(self, batches: list[list[str]]) -> list[list[Any]]:
@@ -438,6 +458,17 @@ class AzureBlockBlobBackend(KeyValueBackend):
         """No waiter waits for these any more: forget their last blobs."""
         for task_id in task_ids:
             self._seen.pop(self.task_key(task_id), None)
+
+
+def _own_copy(error: BaseException) -> BaseException:
+    """A fresh copy of ``error`` (one exception raised in many tasks would collect
+    all their tracebacks), chained to the same cause."""
+    try:
+        copy = type(error)(*error.args)
+    except Exception:
+        return error
+    copy.__cause__ = error.__cause__
+    return copy
 
 
 def _bad_segment(segments: Sequence[str]) -> bool:

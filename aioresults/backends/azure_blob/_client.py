@@ -13,10 +13,13 @@ from typing import Any, TypeVar
 import anyio
 
 from ..._exceptions import (
+    AioResultsError,
+    BackendClosed,
     BackendError,
     BackendUnavailable,
     ConfigurationError,
     MissingDependency,
+    StoreNotFound,
 )
 from .._support import ErrorRule, ErrorTable
 from ..base import redact_url
@@ -91,14 +94,29 @@ class _Retry(ExponentialRetry):
         return float(min(delay, 30.0) * random.uniform(0.75, 1.25))
 
 
-def _identity_credential(name: str) -> Any:
+def _identity_credential(name: str, account_url: str | None) -> Any:
     try:
         from azure.identity import aio as identity
     except ImportError as exc:
         raise MissingDependency(
-            f"{name} needs the azure-identity package; run: pip install azure-identity"
+            f"{name} (for {redact_url(account_url)}) needs the azure-identity package; "
+            "run: pip install azure-identity"
         ) from exc
     return getattr(identity, name)()
+
+
+class _AzureErrors(ErrorTable):
+    """The error table, with the service's status and error code after the detail
+    (``... (503 ServerBusy)``): what to look up in Azure's documentation."""
+
+    def translate(self, exc: BaseException, doing: str) -> AioResultsError | None:
+        error = super().translate(exc, doing)
+        status = _status(exc)
+        if error is None or status is None:
+            return error
+        code = getattr(exc, "error_code", None)
+        code = getattr(code, "value", code)  # the SDK's enum: its value is the service's code
+        return type(error)(f"{error} ({status}{' ' + str(code) if code else ''})")
 
 
 class Blobs:
@@ -136,7 +154,7 @@ class Blobs:
         self.container: Any = None
         self._limiter = anyio.CapacityLimiter(max_concurrency)
         self._clients: OrderedDict[str, BlobClient] = OrderedDict()
-        self.errors = ErrorTable(
+        self.errors = _AzureErrors(
             [
                 ErrorRule(
                     (ServiceRequestError, ServiceResponseError), BackendUnavailable, "cannot reach"
@@ -144,18 +162,19 @@ class Blobs:
                 ErrorRule(
                     AzureError,
                     BackendError,
-                    "credentials refused (check the account name and key, or the SAS token) by",
+                    "the service refused the credentials (check the account name and key, "
+                    "or the SAS token) at",
                     lambda e: isinstance(e, ClientAuthenticationError) or _status(e) in (401, 403),
                 ),
                 ErrorRule(
                     AzureError,
                     BackendUnavailable,
-                    "busy or failing:",
+                    "the service stayed busy or failing (after retries) at",
                     lambda e: _status(e) == 429 or (_status(e) or 0) >= 500,
                 ),
                 ErrorRule(
                     AzureError,
-                    BackendError,
+                    StoreNotFound,
                     f"container {container_name!r} does not exist at",
                     container_missing,
                 ),
@@ -185,7 +204,9 @@ class Blobs:
             else:
                 credential = self._credential
                 if credential in _CREDENTIAL_NAMES:
-                    credential = self._owned_credential = _identity_credential(credential)
+                    credential = self._owned_credential = _identity_credential(
+                        credential, self._account_url
+                    )
                 service = BlobServiceClient(str(self._account_url), credential, **options)
         self.service = service
         self.container = service.get_container_client(self.container_name)
@@ -199,6 +220,13 @@ class Blobs:
         if credential is not None:
             await credential.close()
 
+    def open_container(self) -> Any:
+        """The container client; :class:`~aioresults.BackendClosed` once closed."""
+        container = self.container
+        if container is None:
+            raise BackendClosed(f"the container {self.container_name!r} is closed")
+        return container
+
     def name(self, key: str) -> str:
         """The blob that holds ``key`` (Celery's ``<base_path><key>``)."""
         return f"{self.base_path}{key}"
@@ -207,9 +235,7 @@ class Blobs:
         # A client costs about as much CPU as a request: keep those in use.
         client = self._clients.pop(key, None)
         if client is None:
-            if self.container is None:
-                raise BackendError(f"the container {self.container_name!r} is closed")
-            client = self.container.get_blob_client(self.name(key))
+            client = self.open_container().get_blob_client(self.name(key))
         self._clients[key] = client
         if len(self._clients) > _CACHE_SIZE:
             self._clients.popitem(last=False)
@@ -288,7 +314,7 @@ class Blobs:
         try:
             async with self._limiter:
                 await self.call(
-                    self.container.delete_blob,
+                    self.open_container().delete_blob,
                     name,
                     etag=etag,
                     match_condition=MatchConditions.IfNotModified,
@@ -303,9 +329,11 @@ class Blobs:
         """The blobs (with metadata) whose names start with ``prefix``, up to about
         ``limit``; and whether that is all of them."""
         found: list[Any] = []
-        pages = self.container.list_blobs(
-            name_starts_with=prefix, include=["metadata"], results_per_page=limit
-        ).by_page()
+        pages = (
+            self.open_container()
+            .list_blobs(name_starts_with=prefix, include=["metadata"], results_per_page=limit)
+            .by_page()
+        )
         try:
             async for page in pages:
                 self.stats["requests"] += 1

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import anyio
 
 from ..._exceptions import BackendError
-from ._client import Blob, Blobs
+from ._client import Blob, Blobs, container_missing
 
 __all__ = ["Swapper"]
 
@@ -118,6 +118,8 @@ class Swapper:
                             recreated = True
                             current, fresh = None, True
                             continue
+                        if container_missing(exc):
+                            raise  # (not created again): says so, not "gave up"
                         # 404: the blob to replace is gone; 409/412: it changed.
                         if getattr(exc, "status_code", None) not in (404, 409, 412):
                             raise
