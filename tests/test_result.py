@@ -241,3 +241,19 @@ async def test_timeout_must_be_finite_and_not_negative(backend: MemoryBackend, t
     with anyio.fail_after(2), pytest.raises(ar.ConfigurationError, match="timeout"):
         async for _ in result.watch(timeout=timeout):
             pass
+
+
+async def test_aclose_cancels_an_open_under_way() -> None:
+    class SlowOpen(MemoryBackend):
+        async def _open(self) -> None:
+            await asyncio.sleep(30)  # a host that never answers
+
+    backend = SlowOpen()
+    waits = [asyncio.create_task(ar.AsyncResult(f"t{i}", backend).get()) for i in range(20)]
+    reads = [asyncio.create_task(backend.get_meta(f"t{i}")) for i in range(20)]
+    await asyncio.sleep(0.05)
+    with anyio.fail_after(2):
+        await backend.aclose()
+        for task in [*waits, *reads]:
+            with pytest.raises(ar.BackendClosed):
+                await task

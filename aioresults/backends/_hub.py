@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 import anyio
 
+from .._exceptions import BackendUnavailable
 from .._meta import ResultMeta
 from .._protocols import Record
 from ._feeds import Feed, run_feed, run_poller
@@ -331,6 +332,11 @@ class WaiterHub:
             return 0
         before = [self._versions.get(i, 0) for i in ids]
         raws = await self._source._read_raw(ids)
+        for raw in raws:
+            if isinstance(raw, BackendUnavailable):
+                # The store could not be reached for that id: not news for its
+                # waiters (they keep waiting); the caller tries again.
+                raise raw
         changed = 0
         for task_id, version, raw in zip(ids, before, raws, strict=True):
             if self._versions.get(task_id, 0) != version:

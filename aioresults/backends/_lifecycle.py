@@ -67,8 +67,12 @@ class Lifecycle:
     max_poll_interval: float
 
     def _init_lifecycle(self, poll_interval: float | None, max_poll_interval: float | None) -> None:
-        self.poll_interval = float(poll_interval or self.default_poll_interval)
-        self.max_poll_interval = float(max_poll_interval or self.default_max_poll_interval)
+        self.poll_interval = float(
+            self.default_poll_interval if poll_interval is None else poll_interval
+        )
+        self.max_poll_interval = float(
+            self.default_max_poll_interval if max_poll_interval is None else max_poll_interval
+        )
         if not 0 < self.poll_interval <= self.max_poll_interval:
             raise ConfigurationError("need 0 < poll_interval <= max_poll_interval")
         self._tasks = _runtime.TaskOwner(type(self).__name__, self._task_failed)
@@ -76,6 +80,7 @@ class Lifecycle:
         self._hub_: WaiterHub | None = None
         self._sibling_key: object = None
         self._opening: anyio.Event | None = None
+        self._open_scope: anyio.CancelScope | None = None
         self._opened = False
         self._closed = False
 
@@ -113,14 +118,19 @@ class Lifecycle:
                 )
             self._opening = opening = anyio.Event()
             try:
-                await self._open()
-                self._opened = True
-                self._sibling_key = self._store_key()
-                if self._sibling_key is not None:
-                    join_siblings(self._sibling_key, self._hub)
+                # aclose() cancels an open under way: it may wait on a dead host.
+                with anyio.CancelScope() as self._open_scope:
+                    await self._open()
+                    self._opened = True
+                    self._sibling_key = self._store_key()
+                    if self._sibling_key is not None:
+                        join_siblings(self._sibling_key, self._hub)
             finally:
+                self._open_scope = None
                 self._opening = None
                 opening.set()
+            if not self._opened:
+                raise BackendClosed(f"{self!r} was closed while it was opening")
 
     async def aclose(self) -> None:
         """Stop background work and release connections. Idempotent.
@@ -136,7 +146,9 @@ class Lifecycle:
         for batcher in self._batchers:
             batcher.close(error)
         if self._opening is not None:
-            await self._opening.wait()  # let a lazy open finish, then undo it
+            if self._open_scope is not None:
+                self._open_scope.cancel()
+            await self._opening.wait()  # let the open end, then undo what it did
         await self._tasks.aclose()
         if self._sibling_key is not None:
             leave_siblings(self._sibling_key, self._hub)
