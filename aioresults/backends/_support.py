@@ -26,7 +26,7 @@ from typing import Generic, TypeVar
 import anyio
 
 from .. import _runtime
-from .._exceptions import AioResultsError, BackendError, ConfigurationError
+from .._exceptions import AioResultsError, BackendClosed, ConfigurationError
 
 __all__ = [
     "Backoff",
@@ -249,6 +249,16 @@ class Batcher(Generic[A, R]):
                 except Exception as exc:
                     for call in batch:
                         call.promise.set_exception(_copy(exc))
+                except BaseException:
+                    # Cancelled mid-run (not by close()): its callers must not wait for ever.
+                    for call in batch:
+                        call.promise.set_exception(
+                            BackendClosed(
+                                f"{self._name} was stopped while running the operation; "
+                                "it may or may not have been carried out"
+                            )
+                        )
+                    raise
                 else:
                     for call, answer in zip(batch, answers, strict=True):
                         if isinstance(answer, BaseException):
@@ -327,10 +337,3 @@ def expired(deadline: float | None, now: float | None = None) -> bool:
 def milliseconds(ttl: float | None) -> int:
     """A TTL in whole milliseconds, at least 1; 0 means none (never ``EXPIRE key 0``)."""
     return 0 if not ttl else max(1, round(ttl * 1000))
-
-
-def closed_error(owner: object, doing: str = "") -> BackendError:
-    """The error an operation gets when its backend closes under it."""
-    from .._exceptions import BackendClosed
-
-    return BackendClosed(f"{owner!r} was closed{' ' + doing if doing else ''}")

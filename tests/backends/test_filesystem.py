@@ -830,3 +830,23 @@ async def test_first_success_wins_across_instances(make_file_backend: BackendFac
         assert len(winners) == 1
         meta = await instances[0].get_meta(task_id)
         assert meta.status == states.SUCCESS and meta.result == winners[0]
+
+
+async def test_create_false_never_makes_the_directory(tmp_path: Path) -> None:
+    missing = tmp_path / "missing"
+    backend = FilesystemBackend(missing, create=False)
+    with pytest.raises(ar.StoreNotFound, match="no store at"):
+        await backend.get_meta("t")
+    await backend.aclose()
+    assert not missing.exists()
+    async with FilesystemBackend(tmp_path / "real") as writer:
+        await writer.mark_as_done("t", 1)
+    async with FilesystemBackend(tmp_path / "real", create=False) as reader:
+        assert (await reader.get_meta("t")).result == 1
+        (tmp_path / "real" / "celery-task-meta-t").unlink()
+        for entry in (tmp_path / "real").iterdir():
+            entry.unlink() if entry.is_file() else None
+        (tmp_path / "real").rmdir()
+        with pytest.raises(ar.BackendUnavailable):
+            await reader.mark_as_done("u", 2)  # not created again either
+        assert not (tmp_path / "real").exists()

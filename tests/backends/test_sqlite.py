@@ -6,6 +6,7 @@ import asyncio
 import datetime as dt
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -290,6 +291,34 @@ async def test_close_finishes_queued_writes(make: BackendFactory) -> None:
     assert [m.result for m in await other.get_many(ids)] == ids
 
 
+async def test_close_commits_queued_writes_and_refuses_later_ones(
+    make: BackendFactory, db_path: Path
+) -> None:
+    backend = await make(busy_timeout=10)
+    await backend.get_meta(new_id())
+    ids = [new_id() for _ in range(20)]
+    with raw(db_path) as lock:
+        lock.execute("BEGIN IMMEDIATE")  # the writes queue up behind another writer's lock
+        queued = [asyncio.create_task(backend.mark_as_done(t, t)) for t in ids]
+        with anyio.fail_after(10):
+            while len(backend._writes) < len(ids):
+                await asyncio.sleep(0.01)
+        closing = asyncio.create_task(backend.aclose())
+        await asyncio.sleep(0)  # aclose() has begun: it waits for the queued writes
+        assert not closing.done()
+        with pytest.raises(ar.BackendClosed):
+            await asyncio.wait_for(backend.mark_as_done(new_id(), "late"), 10)
+        assert not closing.done() and not any(w.done() for w in queued)
+        lock.execute("ROLLBACK")
+    with anyio.fail_after(20):
+        await closing
+        assert await asyncio.gather(*queued) == [True] * len(ids)
+    with pytest.raises(ar.BackendClosed):
+        await backend.mark_as_done(new_id(), "after close")
+    other = await make()
+    assert [m.result for m in await other.get_many(ids)] == ids
+
+
 async def test_writer_stopped_mid_commit_fails_its_callers(
     make: BackendFactory, db_path: Path
 ) -> None:
@@ -302,7 +331,10 @@ async def test_writer_stopped_mid_commit_fails_its_callers(
         with anyio.fail_after(10):
             while not backend._batch_running:  # its batch now waits for the lock
                 await asyncio.sleep(0.01)
-        (writer,) = [t for t in backend._tasks if t.get_name().startswith("sqlite writer")]
+        # The task that commits the backend's batches of writes.
+        (writer,) = [
+            t for t in asyncio.all_tasks() if t.get_name() == f"sqlite writes of {backend!r}"
+        ]
         writer.cancel()
         with pytest.raises(ar.BackendError, match="closed while committing"):
             await asyncio.wait_for(write, 10)
@@ -321,7 +353,7 @@ async def test_close_leaves_no_thread_behind(make: BackendFactory) -> None:
 
 
 async def test_watch_reports_each_write_once(make: BackendFactory) -> None:
-    writer, reader = await make(), await make(watch_mode="inotify")
+    writer, reader = await make(), await make(watch="notify")
     task_id = new_id()
     seen: list[str] = []
 
@@ -355,11 +387,11 @@ asyncio.run(main())
 """
 
 
-@pytest.mark.parametrize("watch_mode", ["inotify", "poll"])
+@pytest.mark.parametrize("watch", ["notify", "poll"])
 async def test_waiter_wakes_on_write_by_another_process(
-    make: BackendFactory, db_path: Path, watch_mode: str
+    make: BackendFactory, db_path: Path, watch: str
 ) -> None:
-    backend = await make(watch_mode=watch_mode)
+    backend = await make(watch=watch)
     assert isinstance(backend, SQLiteBackend)
     ids = [new_id() for _ in range(3)]
     group: ar.ResultSet[Any] = ar.ResultSet([ar.AsyncResult(i, backend) for i in ids])
@@ -369,21 +401,27 @@ async def test_waiter_wakes_on_write_by_another_process(
             await asyncio.sleep(0.01)
     await anyio.run_process(python(WRITER, str(db_path), *ids), env=child_env())
     assert await joined == [f"from {i}" for i in ids]
-    if watch_mode == "inotify":
-        assert backend.stats["file_events"] > 0
+    stats = backend.wait_stats()
+    if watch == "notify":
+        # Woken by the file's events: one inotify session, and the poller never ran.
+        assert (stats.mode, stats.sessions, stats.polls) == ("inotify", 1, 0)
+    else:
+        assert stats.mode == "poll" and stats.polls > 0 and stats.sessions == 0
 
 
 async def test_own_commits_wake_nothing_until_someone_waits(
     make: BackendFactory, db_path: Path
 ) -> None:
-    backend = await make(watch_mode="inotify")
+    backend = await make(watch="notify")
     assert isinstance(backend, SQLiteBackend)
     await asyncio.gather(*(backend.mark_as_done(new_id(), i) for i in range(50)))
     for i in range(20):
         await backend.mark_as_done(new_id(), i)
     await asyncio.sleep(0.2)
-    assert backend.stats["file_events"] == 0 and backend.stats["refreshes"] == 0
-    # The file events of those commits waited, unread; a waiter still wakes on the next.
+    # Nobody waits: no watch on the file, no poller, so those commits woke nothing.
+    stats = backend.wait_stats()
+    assert (stats.waiters, stats.sessions, stats.polls, stats.feed_failures) == (0, 0, 0, 0)
+    # A waiter that comes later still wakes on the next write, by the file's events.
     task_id = new_id()
     waiting = asyncio.create_task(ar.AsyncResult(task_id, backend).get(timeout=30))
     with anyio.fail_after(10):
@@ -391,20 +429,30 @@ async def test_own_commits_wake_nothing_until_someone_waits(
             await asyncio.sleep(0.01)
     await anyio.run_process(python(WRITER, str(db_path), task_id), env=child_env())
     assert await waiting == f"from {task_id}"
-    assert backend.stats["file_events"] > 0
+    stats = backend.wait_stats()
+    assert (stats.mode, stats.sessions, stats.polls) == ("inotify", 1, 0)
 
 
 async def test_idle_waiter_reads_nothing(make: BackendFactory) -> None:
-    backend = await make(watch_mode="inotify")
+    backend = await make(watch="notify")
     assert isinstance(backend, SQLiteBackend)
     waiting: asyncio.Task[Any] = asyncio.create_task(
         ar.AsyncResult(new_id(), backend).get(timeout=30)
     )
     with anyio.fail_after(10):
-        while not list(backend.wait_stats().watched_ids):
+        while not list(backend.wait_stats().watched_ids) or backend.wait_stats().unsettled:
             await asyncio.sleep(0.01)
     await asyncio.sleep(0.3)
-    assert backend.stats["refreshes"] == 0 and backend.stats["file_events"] == 0
+    # Its own reads wake nothing: one inotify session, never re-established, no
+    # poller, no failure, and the first read long settled.
+    stats = backend.wait_stats()
+    assert (stats.mode, stats.sessions, stats.polls, stats.feed_failures, stats.unsettled) == (
+        "inotify",
+        1,
+        0,
+        0,
+        0,
+    )
     waiting.cancel()
     with pytest.raises(asyncio.CancelledError):
         await waiting
@@ -415,11 +463,16 @@ import asyncio, sys
 from aioresults.backends.sqlite import SQLiteBackend
 
 async def main():
-    async with SQLiteBackend(sys.argv[1], watch_mode="inotify") as backend:
+    async with SQLiteBackend(sys.argv[1], watch="notify") as backend:
         async with backend.waiter([sys.argv[2]]) as waiter:
+            loop = asyncio.get_running_loop()
+            first = await waiter.next(loop.time() + 30)  # the first read: nothing yet
+            assert first is not None and not first.meta().ready
             print("waiting", flush=True)  # registered and read: what comes next is a wake-up
             while True:
-                _, meta = await asyncio.wait_for(waiter.next(), 30)
+                record = await waiter.next(loop.time() + 30)
+                assert record is not None, "no wake-up within 30 s"
+                meta = record.meta()
                 if meta.ready:
                     print(meta.result, flush=True)
                     return
@@ -459,7 +512,7 @@ async def main():
             backend.chord_part_return(group_id, task_id, "SUCCESS", i, index=i)
             for i, task_id in enumerate(ids)
         ))
-    print(json.dumps([[o.counted, o.complete, o.results] for o in outcomes]))
+    print(json.dumps([[o.task_id, o.counted, o.complete, o.results] for o in outcomes]))
 
 asyncio.run(main())
 """
@@ -482,9 +535,52 @@ async def test_chord_counts_exactly_once_across_processes(
     async with anyio.create_task_group() as tg:  # every part delivered by two processes
         tg.start_soon(deliver)
         tg.start_soon(deliver)
-    assert sum(counted for counted, _, _ in outputs) == 40
-    completes = [results for _, complete, results in outputs if complete]
-    assert completes == [list(range(40))]
+    assert len(outputs) == 80
+    # Each part counted once: by exactly one of its two deliveries.
+    for task_id in ids:
+        assert [counted for t, counted, _, _ in outputs if t == task_id].count(True) == 1
+    # The chord completed, through the one part that completed it: its delivery that
+    # counted it, and its redelivery if that came after (never any other part).
+    completes = [(t, counted, results) for t, counted, complete, results in outputs if complete]
+    assert 1 <= len(completes) <= 2
+    assert len({t for t, _, _ in completes}) == 1
+    assert [counted for _, counted, _ in completes].count(True) == 1
+    assert all(results == list(range(40)) for _, _, results in completes)
+
+
+async def test_chord_redelivery_of_the_completing_part_completes_again(
+    make: BackendFactory,
+) -> None:
+    backend = await make()
+    group_id = new_id()
+    ids = [new_id() for _ in range(3)]
+    await backend.set_chord_size(group_id, len(ids))
+    first = [
+        await backend.chord_part_return(group_id, t, states.SUCCESS, i * 10, index=i)
+        for i, t in enumerate(ids)
+    ]
+    assert [(p.counted, p.count, p.complete) for p in first] == [
+        (True, 1, False),
+        (True, 2, False),
+        (True, 3, True),
+    ]
+    assert first[2].results == [0, 10, 20]
+    # The worker that counted the last part died after the commit, before acting on
+    # the outcome: the broker redelivers the part, to a new call (another worker).
+    other = await make()
+    for worker in (other, backend):
+        again = await worker.chord_part_return(group_id, ids[2], states.SUCCESS, 20, index=2)
+        assert (again.counted, again.count, again.size, again.complete) == (False, 3, 3, True)
+        assert again.results == [0, 10, 20]
+    # Any other part's redelivery keeps its count and does not complete the chord.
+    for i in (0, 1):
+        again = await other.chord_part_return(group_id, ids[i], states.SUCCESS, i * 10, index=i)
+        assert (again.counted, again.count, again.complete, again.results) == (
+            False,
+            i + 1,
+            False,
+            None,
+        )
 
 
 KILLED_WRITER = """
@@ -605,6 +701,181 @@ async def test_newer_schema_is_refused(make: BackendFactory, db_path: Path) -> N
         await (await make()).get_meta(new_id())
 
 
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+async def test_file_deleted_or_replaced_while_open(
+    make: BackendFactory, db_path: Path, tmp_path: Path, how: str
+) -> None:
+    backend = await make()
+    before = new_id()
+    assert await backend.mark_as_done(before, "in the first file")
+    if how == "deleted":
+        await anyio.Path(db_path).unlink()
+    else:  # e.g. a backup restored over it: a copy, then a rename
+        copy = tmp_path / "restored.db"
+        with raw(db_path) as source, raw(copy) as target:
+            source.backup(target)
+        os.replace(copy, db_path)
+    lost = new_id()
+    # Never acknowledged into the file nobody can open any more.
+    with pytest.raises(ar.BackendUnavailable, match=re.escape(str(db_path))):
+        await backend.mark_as_done(lost, "into the old file")
+    after = new_id()
+    assert await backend.mark_as_done(after, "in the file at the path")
+    assert (await backend.get_meta(after)).result == "in the file at the path"
+    reader = await make()  # a new backend, as another process would open the path
+    metas = await reader.get_many([before, lost, after])
+    kept = (states.SUCCESS, "in the first file") if how == "replaced" else (states.PENDING, None)
+    assert [(m.status, m.result) for m in metas] == [
+        kept,
+        (states.PENDING, None),
+        (states.SUCCESS, "in the file at the path"),
+    ]
+    with raw(db_path) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+
+
+async def test_file_deleted_during_a_commit_is_not_acknowledged(
+    make: BackendFactory, db_path: Path
+) -> None:
+    backend = await make(busy_timeout=10)
+    assert isinstance(backend, SQLiteBackend)
+    await backend.get_meta(new_id())
+    task_id = new_id()
+    with raw(db_path) as lock:
+        lock.execute("BEGIN IMMEDIATE")
+        write = asyncio.create_task(backend.mark_as_done(task_id, "into the deleted file"))
+        with anyio.fail_after(10):
+            while not backend._batch_running:  # its batch now waits for the lock
+                await asyncio.sleep(0.01)
+        os.remove(db_path)  # after the write checked the file, before it commits
+        lock.execute("ROLLBACK")
+    with pytest.raises(ar.BackendUnavailable, match=re.escape(str(db_path))):
+        await asyncio.wait_for(write, 10)
+    assert await backend.mark_as_done(task_id, "in the file at the path")
+    assert (await (await make()).get_meta(task_id)).result == "in the file at the path"
+
+
+async def test_operations_that_meet_a_swap_at_once_reopen_it_once(
+    make: BackendFactory, db_path: Path
+) -> None:
+    before = set(threading.enumerate())
+    backend = await make()
+    kept = new_id()
+    await backend.mark_as_done(kept, 1)
+    os.remove(db_path)
+    ids = [new_id() for _ in range(6)]
+    outcomes = await asyncio.gather(
+        *(backend.get_meta(t) if i % 2 else backend.mark_as_done(t, i) for i, t in enumerate(ids)),
+        return_exceptions=True,
+    )
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            assert isinstance(outcome, ar.BackendUnavailable) and str(db_path) in str(outcome)
+    assert any(isinstance(o, BaseException) for o in outcomes), outcomes
+    # A write acknowledged is in the file at the path.
+    for i, (task_id, outcome) in enumerate(zip(ids, outcomes, strict=True)):
+        if outcome is True:
+            assert (await backend.get_meta(task_id)).result == i
+    # One writer and one reader, on the new file: nothing opened twice and left behind.
+    assert len(set(threading.enumerate()) - before) == 2
+    after = new_id()
+    assert await backend.mark_as_done(after, "again")
+    assert (await backend.get_meta(after)).result == "again"
+    await backend.aclose()
+    with anyio.fail_after(10):
+        while set(threading.enumerate()) - before:
+            await asyncio.sleep(0.01)
+
+
+# The layout of schema 1 (aioresults 0.1): chord parts without count and receipt.
+SCHEMA_1 = (
+    """CREATE TABLE celery_taskmeta (
+\tid INTEGER NOT NULL PRIMARY KEY AUTOINCREMENT,
+\ttask_id VARCHAR(155),
+\tstatus VARCHAR(50),
+\tresult BLOB,
+\tdate_done DATETIME,
+\ttraceback TEXT,
+\tchildren BLOB,
+\tname VARCHAR(155),
+\targs BLOB,
+\tkwargs BLOB,
+\tworker VARCHAR(155),
+\tretries INTEGER,
+\tqueue VARCHAR(155),
+\tstamps BLOB,
+\tUNIQUE (task_id)
+)""",
+    "CREATE INDEX ix_celery_taskmeta_date_done ON celery_taskmeta (date_done)",
+    """CREATE TABLE celery_tasksetmeta (
+\tid INTEGER NOT NULL PRIMARY KEY AUTOINCREMENT,
+\ttaskset_id VARCHAR(155),
+\tresult BLOB,
+\tdate_done DATETIME,
+\tUNIQUE (taskset_id)
+)""",
+    "CREATE INDEX ix_celery_tasksetmeta_date_done ON celery_tasksetmeta (date_done)",
+    "CREATE TABLE aioresults_schema (version INTEGER NOT NULL)",
+    "CREATE TABLE aioresults_meta (task_id TEXT PRIMARY KEY, expires_at REAL, "
+    "group_id TEXT, parent_id TEXT, extra BLOB)",
+    "CREATE INDEX aioresults_meta_expires_at ON aioresults_meta (expires_at)",
+    "CREATE TABLE aioresults_group (group_id TEXT PRIMARY KEY, expires_at REAL)",
+    "CREATE TABLE aioresults_chord (group_id TEXT PRIMARY KEY, "
+    "size INTEGER NOT NULL, count INTEGER NOT NULL DEFAULT 0, expires_at REAL)",
+    "CREATE TABLE aioresults_chord_part (group_id TEXT NOT NULL, "
+    "field TEXT NOT NULL, payload BLOB NOT NULL, PRIMARY KEY (group_id, field))",
+    "INSERT INTO aioresults_schema VALUES (1)",
+)
+
+
+async def test_schema_1_file_is_migrated_and_chords_work(
+    make: BackendFactory, db_path: Path
+) -> None:
+    task_id, old_chord, old_part = new_id(), new_id(), new_id()
+    with raw(db_path) as conn:  # a file written by aioresults 0.1, a chord half counted
+        for statement in SCHEMA_1:
+            conn.execute(statement)
+        conn.execute(
+            "INSERT INTO celery_taskmeta (task_id, status, result, date_done) "
+            "VALUES (?, 'SUCCESS', '\"kept\"', '2030-01-02 03:04:05.000006')",
+            (task_id,),
+        )
+        conn.execute("INSERT INTO aioresults_chord VALUES (?, 2, 1, NULL)", (old_chord,))
+        part = {"task_id": old_part, "index": 0, "state": "SUCCESS", "result": "a", "seq": 1}
+        conn.execute(
+            "INSERT INTO aioresults_chord_part VALUES (?, ?, ?)",
+            (old_chord, f"{old_part}:0", json.dumps(part).encode()),
+        )
+    backend = await make()
+    assert (await backend.get_meta(task_id)).result == "kept"
+    with raw(db_path) as conn:
+        assert conn.execute("SELECT version FROM aioresults_schema").fetchall() == [(2,)]
+        columns = [r[1] for r in conn.execute("PRAGMA table_info(aioresults_chord_part)")]
+    assert columns == ["group_id", "field", "payload", "count", "receipt"]
+    assert SCHEMA_VERSION == 2
+    # The chord counted under schema 1 goes on: its counted part stays counted.
+    again = await backend.chord_part_return(old_chord, old_part, states.SUCCESS, "a", index=0)
+    assert (again.counted, again.complete) == (False, False)
+    last = new_id()
+    done = await backend.chord_part_return(old_chord, last, states.SUCCESS, "b", index=1)
+    assert (done.counted, done.count, done.complete, done.results) == (True, 2, True, ["a", "b"])
+    # A chord started after the migration, its completing part redelivered.
+    group_id, ids = new_id(), [new_id(), new_id()]
+    await backend.set_chord_size(group_id, 2)
+    outcomes = [
+        await backend.chord_part_return(group_id, ids[i], states.SUCCESS, i, index=i)
+        for i in (0, 1, 1)
+    ]
+    assert [(o.counted, o.count, o.complete) for o in outcomes] == [
+        (True, 1, False),
+        (True, 2, True),
+        (False, 2, True),
+    ]
+    assert outcomes[1].results == outcomes[2].results == [0, 1]
+    # A second backend opens the migrated file as it is.
+    assert (await (await make()).get_meta(task_id)).result == "kept"
+
+
 async def test_table_of_an_older_celery_gets_the_new_columns(
     make: BackendFactory, db_path: Path
 ) -> None:
@@ -674,3 +945,22 @@ async def test_expiry_and_cleanup(make: BackendFactory, db_path: Path) -> None:
     assert groups == parts == (0,)
     await asyncio.sleep(0.3)  # "again" was written by `keeper`, which keeps results forever
     assert await short.cleanup() == 0
+
+
+async def test_create_false_opens_only_a_store_that_is_there(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.db"
+    for path in (missing, tmp_path / "no" / "dir" / "r.db"):
+        backend = SQLiteBackend(path, create=False)
+        with pytest.raises(ar.StoreNotFound, match="no store at"):
+            await backend.get_meta("t")
+        await backend.aclose()
+    assert not missing.exists() and not (tmp_path / "no").exists()
+    sqlite3.connect(tmp_path / "empty.db").close()  # a file, but no results in it
+    backend = SQLiteBackend(tmp_path / "empty.db", create=False)
+    with pytest.raises(ar.StoreNotFound, match="no results table"):
+        await backend.get_meta("t")
+    await backend.aclose()
+    async with SQLiteBackend(tmp_path / "real.db") as writer:
+        await writer.mark_as_done("t", 1)
+    async with SQLiteBackend(tmp_path / "real.db", create=False) as reader:
+        assert (await reader.get_meta("t")).result == 1

@@ -31,6 +31,7 @@ shared between processes). Options may also be given in the query string:
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 import os
@@ -44,14 +45,17 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 import anyio
 
 from ..._exceptions import (
+    BackendClosed,
     BackendCorrupted,
     BackendError,
     BackendUnavailable,
     ConfigurationError,
     DecodeError,
     MissingDependency,
+    StoreNotFound,
 )
 from ..._meta import ResultMeta
+from ..._runtime import shielded
 from .. import _inotify
 from .._chords import PartCount
 from .._feeds import Feed
@@ -164,6 +168,13 @@ class SQLiteBackend(BaseBackend):
             linger=lambda last: self.commit_delay if last > 1 else 0.0,
         )
         self._writes_done = 0
+        self._commits_done = 0  # kept here: a reopened file gets a new Writer
+        #: A batch of writes is being committed (tests watch it from outside).
+        self._batch_running = False
+        #: aclose() has begun: writes are refused from now on.
+        self._closing = False
+        # One reopening at a time, after the file was deleted or replaced.
+        self._reopening = asyncio.Lock()  # asyncio's binds no loop until used
         self._errors = ErrorTable(
             [
                 ErrorRule(
@@ -186,7 +197,7 @@ class SQLiteBackend(BaseBackend):
                 ),
                 ErrorRule(sqlite3.Error, BackendUnavailable, "cannot use", _is("SQLITE_PERM")),
                 ErrorRule(sqlite3.Error, BackendError, "failed on"),
-                ErrorRule(ValueError, BackendError, "closed:", lambda e: "onnection" in str(e)),
+                ErrorRule(ValueError, BackendError, "failed (the connection is closed?) on"),
             ],
             lambda: self.path,
         )
@@ -203,7 +214,7 @@ class SQLiteBackend(BaseBackend):
     @property
     def stats(self) -> dict[str, int]:
         """``commits`` (write transactions) and ``writes`` (records written) so far."""
-        return {"commits": self._writer.commits if self._writer else 0, "writes": self._writes_done}
+        return {"commits": self._commits_done, "writes": self._writes_done}
 
     # ------------------------------------------------------------ lifecycle
 
@@ -212,26 +223,65 @@ class SQLiteBackend(BaseBackend):
             raise ConfigurationError(f"{self.path} is a directory, not a database file")
         directory = os.path.dirname(self.path)
         if not os.path.isdir(directory):
-            raise BackendUnavailable(f"cannot open {self.path}: {directory} does not exist")
+            error = StoreNotFound if not self.create else BackendUnavailable
+            raise error(f"no store at {self.path}: {directory} does not exist")
 
     async def _open(self) -> None:
         self._check_path()  # two stat calls: cheaper than a thread hop
+        writer = Writer(self.path, self.busy_timeout, self.synchronous, self.create)
+        reader: aiosqlite.Connection | None = None
         try:
             with self._errors.translating("opening the database"):
-                self._writer = Writer(self.path, self.busy_timeout, self.synchronous)
-                await self._writer.open()
-                self._reader = await aiosqlite.connect(
+                await writer.open()
+                reader = await aiosqlite.connect(
                     self.path, timeout=self.busy_timeout, isolation_level=None
                 )
-                await self._reader.execute("PRAGMA query_only = 1")
+                await reader.execute("PRAGMA query_only = 1")
         except BaseException:
-            await self._close()
+            # Also when aclose() cancelled the open: close what was opened.
+            await shielded(self._close_pair(reader, writer))
             raise
+        # Both at once: a caller never finds one open without the other.
+        self._writer, self._reader = writer, reader
 
-    async def _reopen(self) -> None:
-        """The file was deleted or replaced: use the one at the path from now on."""
-        await self._close()
-        await self._open()
+    async def _reopen(self, stale: Writer | None) -> None:
+        """The file was deleted or replaced: use the one at the path from now on.
+
+        ``stale`` is the writer the caller found unusable (None: none was open).
+        Callers that notice at once reopen once: the others find the new writer.
+        """
+        async with self._reopening:
+            if self._closed:  # aclose() began: open nothing it would not close
+                raise BackendClosed(f"{self!r} is closed")
+            if self._writer is not stale and self._writer is not None:
+                return  # another caller reopened already
+            await self._drop()
+            await self._open()
+
+    async def _connections(self) -> tuple[Writer, aiosqlite.Connection]:
+        """The writer and the reader, reopened first if a file swap closed them."""
+        if self._writer is None or self._reader is None:
+            await self._reopen(self._writer)
+        return self._live()
+
+    async def _checked(self) -> tuple[Writer, aiosqlite.Connection]:
+        """:meth:`_connections`, after checking that the file at the path is
+        still theirs (a read of a deleted file would answer from the past)."""
+        writer, reader = await self._connections()
+        try:
+            writer.check_file()
+        except FileSwapped as exc:
+            await self._swapped(writer, exc)
+            raise
+        return writer, reader
+
+    async def _swapped(self, writer: Writer, error: FileSwapped) -> None:
+        """After ``error``: reopen for the operations that follow (a failure to
+        reopen is theirs to report; this one reports the swap)."""
+        try:
+            await self._reopen(writer)
+        except Exception as exc:
+            logger.warning("reopening %s after %s failed: %s", self.path, error, exc)
 
     def _feed(self) -> Feed | None:
         if self.watch == "poll" or not _inotify.available():
@@ -254,14 +304,23 @@ class SQLiteBackend(BaseBackend):
     async def aclose(self) -> None:
         """Finish the writes already queued, then close. Idempotent."""
         if self._opened and not self._closed:
+            self._closing = True  # a write arriving from now on is refused
             # Bounded: a queued batch waits at most busy_timeout for the lock.
             with anyio.move_on_after(self.busy_timeout + 5):
                 await self._writes.wait_idle()
         await super().aclose()
 
     async def _close(self) -> None:
+        async with self._reopening:  # after a reopening under way, close what it opened
+            await self._drop()
+
+    async def _drop(self) -> None:
+        """Close the writer and the reader."""
         reader, writer = self._reader, self._writer
         self._reader = self._writer = None
+        await self._close_pair(reader, writer)
+
+    async def _close_pair(self, reader: aiosqlite.Connection | None, writer: Writer | None) -> None:
         for closing in (reader, writer):
             if closing is not None:
                 try:
@@ -276,24 +335,46 @@ class SQLiteBackend(BaseBackend):
 
     async def _transaction(self, doing: str, work: Any) -> Any:
         """``work(conn)`` in one write transaction; reopens after a file swap."""
-        if self._writer is None:
-            await self._reopen()
-        writer, _ = self._live()
+        writer, _ = await self._connections()
         try:
             with self._errors.translating(doing):
-                return await writer.transaction(work)
-        except FileSwapped:
-            await self._reopen()  # for the operations that follow
+                result = await writer.transaction(work)
+        except FileSwapped as exc:
+            await self._swapped(writer, exc)
             raise
+        self._commits_done += 1
+        return result
 
     # ------------------------------------------------------------ writing results
 
     async def _write_meta(self, meta: ResultMeta) -> bool:
+        if self._closing:
+            raise BackendClosed(f"{self!r} is closing; the write was not stored")
         write = Write(meta, self.codec, self.expires)  # encoding errors are the caller's alone
         written: bool = await self._writes(write)
         return written
 
     async def _commit(self, batch: list[Write]) -> list[bool | BaseException]:
+        """The batcher's run: commit ``batch``. If it is stopped mid-commit (its
+        task cancelled), the writer is stopped: the callers of this batch and of
+        every queued write fail at once instead of waiting for ever, and later
+        writes are refused (closing the backend fails them anyway)."""
+        self._batch_running = True
+        try:
+            return await self._commit_batch(batch)
+        except BaseException as exc:
+            if not isinstance(exc, Exception) and not self._closed:
+                self._writes.close(
+                    BackendClosed(
+                        f"{self!r} was closed while committing the write; "
+                        "it may or may not have been stored"
+                    )
+                )
+            raise
+        finally:
+            self._batch_running = False
+
+    async def _commit_batch(self, batch: list[Write]) -> list[bool | BaseException]:
         """One transaction for the batch; on an error that may be one record's,
         each alone, so only its caller fails."""
 
@@ -310,7 +391,7 @@ class SQLiteBackend(BaseBackend):
             written = []
             for write in batch:
                 try:
-                    written.extend(await self._commit([write]))
+                    written.extend(await self._commit_batch([write]))
                 except BackendError as own:
                     written.append(own)
         self._writes_done += sum(1 for w in written if w is True)
@@ -330,14 +411,7 @@ class SQLiteBackend(BaseBackend):
         return done is not None and done.timestamp() + self.expires <= now
 
     async def _read_raw(self, task_ids: Sequence[str]) -> Sequence[Any]:
-        if self._reader is None:
-            await self._reopen()
-        writer, reader = self._live()
-        try:
-            writer.check_file()
-        except FileSwapped:
-            await self._reopen()
-            raise
+        writer, reader = await self._checked()
         found: dict[str, Any] = {}
         now = time.time()
         with self._errors.translating("reading results"):
@@ -383,7 +457,7 @@ class SQLiteBackend(BaseBackend):
         await self._transaction("saving a group", save)
 
     async def _restore_group(self, group_id: str) -> list[Any] | None:
-        _, reader = self._live()
+        _, reader = await self._checked()
         with self._errors.translating("restoring a group"):
             rows = list(await reader.execute_fetchall(_rows.SELECT_GROUP, (group_id,)))
         if not rows:
@@ -426,7 +500,7 @@ class SQLiteBackend(BaseBackend):
         return result
 
     async def _chord_parts(self, group_id: str) -> list[bytes]:
-        _, reader = self._live()
+        _, reader = await self._checked()
         with self._errors.translating("reading a chord"):
             rows = await reader.execute_fetchall(
                 "SELECT payload FROM aioresults_chord_part WHERE group_id = ?", (group_id,)

@@ -6,7 +6,7 @@ import sqlite3
 from collections.abc import Callable
 from typing import TypeVar
 
-from ..._exceptions import BackendCorrupted
+from ..._exceptions import BackendCorrupted, StoreNotFound
 
 __all__ = ["SCHEMA_VERSION", "prepare", "run_transaction"]
 
@@ -149,12 +149,21 @@ def _changes(conn: sqlite3.Connection, path: str) -> list[str]:
     return changes
 
 
-def prepare(conn: sqlite3.Connection, path: str, synchronous: str) -> None:
+def prepare(conn: sqlite3.Connection, path: str, synchronous: str, create: bool = True) -> None:
     """Set the writer up, then create, migrate or check the tables (writer's thread).
 
+    :param create: with False, nothing is created or altered, and a file without
+        Celery's task table raises :class:`~aioresults.StoreNotFound`.
     :raises BackendCorrupted: a foreign or newer layout (never altered).
     """
     conn.execute(f"PRAGMA synchronous = {synchronous}")
+    if not create:
+        found = conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'celery_taskmeta'"
+        ).fetchone()
+        if found is None:
+            raise StoreNotFound(f"no store at {path}: it holds no results table")
+        return
     if not _changes(conn, path):
         return
 

@@ -19,7 +19,7 @@ from functools import partial
 from typing import Any, TypeVar
 
 from ... import states
-from ..._exceptions import BackendClosed, BackendUnavailable
+from ..._exceptions import BackendClosed, BackendUnavailable, StoreNotFound
 from ..._meta import ResultMeta
 from ..._serialization import Codec, exception_to_dict
 from .._chords import PartCount
@@ -125,10 +125,15 @@ class Writer:
     :param path: the database file.
     :param busy_timeout: seconds SQLite's busy handler waits for the write lock.
     :param synchronous: SQLite's ``synchronous`` setting.
+    :param create: create the file and its tables if missing (else
+        :class:`~aioresults.StoreNotFound`).
     """
 
-    def __init__(self, path: str, busy_timeout: float, synchronous: str) -> None:
+    def __init__(
+        self, path: str, busy_timeout: float, synchronous: str, create: bool = True
+    ) -> None:
         self.path = path
+        self.create = create
         self._busy_timeout = busy_timeout
         self._synchronous = synchronous
         self._thread: ThreadPoolExecutor | None = None
@@ -139,6 +144,8 @@ class Writer:
 
     async def open(self) -> None:
         """Connect, switch to WAL and create or check the tables."""
+        if not self.create and not os.path.isfile(self.path):  # noqa: ASYNC240 - one stat
+            raise StoreNotFound(f"no store at {self.path}: the file does not exist")
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="aioresults-sqlite")
         conn = await self.run(
             partial(
@@ -150,7 +157,7 @@ class Writer:
         )
         self._conn = conn
         await self.run(self._use_wal, conn)
-        await self.run(_schema.prepare, conn, self.path, self._synchronous)
+        await self.run(_schema.prepare, conn, self.path, self._synchronous, self.create)
         st = os.stat(self.path)
         self._inode = (st.st_dev, st.st_ino)
 
@@ -171,21 +178,25 @@ class Writer:
                 time.sleep(delay)
                 delay = min(delay * 2, 0.05)
 
-    def check_file(self) -> None:
+    def check_file(self, committed: bool = False) -> None:
         """Raise :class:`~aioresults.BackendUnavailable` if the file at ``path`` is
         no longer the one this connection writes (deleted or replaced): its
-        writes would go to an unlinked file and be lost."""
+        writes would go to an unlinked file and be lost.
+
+        :param committed: the check follows a commit, which then went to the
+            old file (and is reported lost rather than acknowledged).
+        """
+        outcome = (
+            "this transaction went to the old file and is lost"
+            if committed
+            else "nothing more was written to the old one"
+        )
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
-            raise FileSwapped(
-                f"{self.path} was deleted while in use; nothing more was written to it"
-            ) from None
+            raise FileSwapped(f"{self.path} was deleted while in use; {outcome}") from None
         if (st.st_dev, st.st_ino) != self._inode:
-            raise FileSwapped(
-                f"{self.path} was replaced by another file while in use; "
-                "nothing more was written to the old one"
-            )
+            raise FileSwapped(f"{self.path} was replaced by another file while in use; {outcome}")
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(*args)`` in the writer's thread: one hand-off there and back.
@@ -213,7 +224,11 @@ class Writer:
         self, conn: sqlite3.Connection, work: Callable[[sqlite3.Connection], T]
     ) -> T:
         self.check_file()
-        return _schema.run_transaction(conn, work)
+        result = _schema.run_transaction(conn, work)
+        # Deleted or replaced during the transaction: never acknowledge a commit
+        # into a file nobody will open again.
+        self.check_file(committed=True)
+        return result
 
     async def close(self) -> None:
         conn, thread = self._conn, self._thread
