@@ -87,6 +87,7 @@ class WaiterHub:
         self.sessions = 0
         self.feed_failures = 0
         self.polls = 0
+        self.refreshes = 0
 
     def __repr__(self) -> str:
         return f"the waiter hub of {self._name}"
@@ -330,6 +331,7 @@ class WaiterHub:
         ids = [i for i in dict.fromkeys(wanted) if i in self.watched]
         if not ids:
             return 0
+        self.refreshes += 1
         before = [self._versions.get(i, 0) for i in ids]
         raws = await self._source._read_raw(ids)
         for raw in raws:

@@ -50,6 +50,8 @@ class WaitStats:
     polls: int
     #: Waiters whose first read is still under way.
     unsettled: int = 0
+    #: Re-reads of watched ids so far (after a signal, a poll or a reconnect).
+    refreshes: int = 0
     #: Feed sessions established per node, where the feed has several (a cluster).
     sessions_by_node: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
@@ -212,6 +214,7 @@ class Lifecycle:
             feed_failures=hub.feed_failures,
             polls=hub.polls,
             unsettled=hub.unsettled,
+            refreshes=hub.refreshes,
             sessions_by_node=hub.feed.sessions_by_node() if hub.feed is not None else {},
         )
 

@@ -453,6 +453,7 @@ async def test_idle_waiter_reads_nothing(make: BackendFactory) -> None:
         0,
         0,
     )
+    assert stats.refreshes == 0  # nothing is re-read while nothing changes
     waiting.cancel()
     with pytest.raises(asyncio.CancelledError):
         await waiting

@@ -167,9 +167,9 @@ def prepare(conn: sqlite3.Connection, path: str, synchronous: str, create: bool 
     if not _changes(conn, path):
         return
 
-    def create(conn: sqlite3.Connection) -> None:
+    def apply(conn: sqlite3.Connection) -> None:
         # Checked again under the write lock: another process may have been first.
         for statement in _changes(conn, path):
             conn.execute(statement)
 
-    run_transaction(conn, create)
+    run_transaction(conn, apply)
