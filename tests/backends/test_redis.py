@@ -18,8 +18,10 @@ import redis.asyncio as aioredis
 
 import aioresults as ar
 from aioresults import states
+from aioresults.backends._chords import PartCount
 from aioresults.backends.redis import RedisBackend, parse_url
 from tests.conftest import BackendFactory
+from tests.faultproxy import FaultProxy
 from tests.servers import RedisSentinel, RedisServer
 
 
@@ -230,7 +232,8 @@ async def test_one_pubsub_connection_and_one_subscribe_for_1000_waiters(
     first = asyncio.create_task(ar.AsyncResult(warm, reader).get(timeout=10))
 
     async def warmed_up() -> bool:
-        return list(reader.wait_stats().watched_ids) == [warm] and reader._subscriber.connections > 0
+        stats = reader.wait_stats()
+        return list(stats.watched_ids) == [warm] and stats.sessions > 0
 
     await until(warmed_up)
     subscribes, mgets = await calls(raw, "subscribe"), await calls(raw, "mget")
@@ -238,8 +241,8 @@ async def test_one_pubsub_connection_and_one_subscribe_for_1000_waiters(
     waits = [asyncio.create_task(ar.AsyncResult(i, reader).get(timeout=10)) for i in ids]
     await until(lambda: subscribed(raw, *ids))
     assert await calls(raw, "subscribe") - subscribes == 1
-    # One batched read before waiting and one after registering, for all 1,000.
-    assert await calls(raw, "mget") - mgets == 2
+    # Every waiter registers, then one batched read serves all 1,000.
+    assert await calls(raw, "mget") - mgets == 1
     assert len(await raw.client_list(_type="pubsub")) == 1
     assert len(await raw.client_list()) <= 6
     for i, task_id in enumerate([warm, *ids]):
@@ -346,14 +349,14 @@ async def test_chord_count_is_idempotent_for_a_retried_call(make: BackendFactory
     backend = await backend_of(make)
     group_id = new_id()
     await backend.set_chord_size(group_id, 2)
-    # A client retry resends the same call (same token): it gets its count back, not 0.
-    assert await backend._chord_count_part(group_id, "a", b"part-a", token="call-1") == (1, 2)
-    assert await backend._chord_count_part(group_id, "a", b"part-a", token="call-1") == (1, 2)
-    # A redelivery is another call, even with the same payload: a duplicate.
-    assert await backend._chord_count_part(group_id, "a", b"part-a", token="call-2") == (0, 2)
-    assert await backend._chord_count_part(group_id, "a", b"part-a") == (0, 2)
-    assert await backend._chord_count_part(group_id, "b", b"part-b") == (2, 2)
-    assert await backend._chord_count_part(new_id(), "a", b"x") is None
+    # A client retry resends the same call (same receipt): it gets its count back, as its own.
+    assert await backend._chord_count(group_id, "a", b"part-a", "call-1") == PartCount(1, 2, True)
+    assert await backend._chord_count(group_id, "a", b"part-a", "call-1") == PartCount(1, 2, True)
+    # A redelivery is another call, even with the same payload: a duplicate, not its own.
+    assert await backend._chord_count(group_id, "a", b"part-a", "call-2") == PartCount(1, 2, False)
+    assert await backend._chord_count(group_id, "a", b"part-a", "call-3") == PartCount(1, 2, False)
+    assert await backend._chord_count(group_id, "b", b"part-b", "call-4") == PartCount(2, 2, True)
+    assert await backend._chord_count(new_id(), "a", b"x", "call-5") is None
 
 
 # ------------------------------------------------------------------ URLs and repr
@@ -436,16 +439,168 @@ async def test_a_waiter_arriving_as_another_leaves_keeps_the_subscription(
     writer, reader = await backend_of(make), await backend_of(make)
     task_id = new_id()
     async with reader.waiter([task_id]) as first:
-        assert (await first.next())[1] == ar.ResultMeta.pending(task_id)
+        assert (await first.next()).meta() == ar.ResultMeta.pending(task_id)
     # The first watch's end is queued; this waiter arrives before it is sent.
     async with reader.waiter([task_id]) as second:
-        assert (await second.next())[1] == ar.ResultMeta.pending(task_id)
+        assert (await second.next()).meta() == ar.ResultMeta.pending(task_id)
         await until(lambda: subscribed(raw, task_id))
         await writer.mark_as_done(task_id, "kept")
-        _, item = await second.next()
-        assert isinstance(item, ar.ResultMeta) and item.result == "kept"
+        item = (await second.next()).meta()
+        assert item.result == "kept"
     await until(lambda: no_channels(raw))
 
 
 async def no_channels(raw: aioredis.Redis) -> bool:
     return await raw.pubsub_channels("celery-task-meta-*") == []
+
+
+# ------------------------------------------------------------------ guarantees of the store
+
+
+@pytest.mark.parametrize("lost", ["outcome", "one-reply", "every-reply"])
+async def test_the_completing_part_redelivered_after_a_lost_reply_completes_again(
+    make: BackendFactory, redis_server: RedisServer, raw: aioredis.Redis, lost: str
+) -> None:
+    async with (
+        FaultProxy(("127.0.0.1", redis_server.port), framing="raw") as proxy,
+        # The first worker reaches Redis through a proxy that can lose replies.
+        RedisBackend(f"redis://127.0.0.1:{proxy.port}/0", retries=1) as first,
+    ):
+        second = await backend_of(make)
+        group_id, ids = new_id(), [new_id() for _ in range(5)]
+        await first.set_chord_size(group_id, 5)
+        for index, task_id in enumerate(ids[:4]):
+            progress = await first.chord_part_return(
+                group_id, task_id, states.SUCCESS, index, index=index
+            )
+            assert (progress.counted, progress.count, progress.complete) == (
+                True,
+                index + 1,
+                False,
+            )
+        if lost == "outcome":
+            # The last part is counted, and its worker dies before acting on the outcome.
+            done = await first.chord_part_return(group_id, ids[4], states.SUCCESS, 4, index=4)
+            assert (done.complete, done.counted, done.count) == (True, True, 5)
+        elif lost == "one-reply":
+            # The count's reply is lost; the client's retry of that very call (same
+            # receipt) is recognised: counted by this call, and complete.
+            counting = proxy.drop_reply(
+                lambda chunk: b"EVALSHA" in chunk and ids[4].encode() in chunk
+            )
+            done = await first.chord_part_return(group_id, ids[4], states.SUCCESS, 4, index=4)
+            assert (done.complete, done.counted, done.count) == (True, True, 5)
+            assert counting.hits == 1
+        else:
+            # The last part's count runs on the server, and so does the client's retry
+            # of that call, but both replies are lost: the retries run out.
+            counting = proxy.drop_reply(
+                lambda chunk: b"EVALSHA" in chunk and ids[4].encode() in chunk, times=None
+            )
+            with pytest.raises(ar.BackendUnavailable):
+                await first.chord_part_return(group_id, ids[4], states.SUCCESS, 4, index=4)
+            assert counting.hits == 2
+        # The broker redelivers it: another call with a fresh receipt, on another worker.
+        # It must report the chord complete again, or the chord's body never runs.
+        redeliveries = await asyncio.gather(
+            *(
+                second.chord_part_return(group_id, ids[4], states.SUCCESS, 4, index=4)
+                for _ in range(3)
+            )
+        )
+    for again in redeliveries:
+        assert (again.complete, again.counted) == (True, False)
+        assert (again.count, again.size, again.results) == (5, 5, [0, 1, 2, 3, 4])
+    # Every other part redelivered keeps its own count and never completes the chord.
+    for index, task_id in enumerate(ids[:4]):
+        again = await second.chord_part_return(
+            group_id, task_id, states.SUCCESS, index, index=index
+        )
+        assert (again.complete, again.counted, again.count) == (False, False, index + 1)
+    # A part beyond the size is not counted: the count never passes the size.
+    late = await second.chord_part_return(group_id, new_id(), states.SUCCESS, 5)
+    assert (late.complete, late.counted, late.count) == (False, False, None)
+    chord = f"celery-taskset-meta-{{{group_id}}}"
+    assert int(await raw.get(f"{chord}.n")) == 5
+    assert await raw.hlen(f"{chord}.p") == 5
+
+
+@pytest.mark.parametrize("options", [{}, {"compression": "zlib"}], ids=["lua", "watch-multi"])
+async def test_a_retried_guarded_write_that_finds_its_own_payload_is_stored(
+    make: BackendFactory, raw: aioredis.Redis, options: dict[str, Any]
+) -> None:
+    backend = await backend_of(make, **options)
+    task_id = new_id()
+    key = backend.task_key(task_id)
+    assert await backend.mark_as_done(task_id, "first")
+    stored = await raw.get(key)
+    assert stored is not None and backend.is_success(stored)
+    # A retry after a lost reply resends the very same payload: it was stored, by this write.
+    assert await backend._set_guarded(key, stored, backend.expires)
+    # Any other payload is refused by the stored SUCCESS.
+    other = backend.encode_meta(ar.ResultMeta(task_id, states.SUCCESS, result="second"))
+    assert not await backend._set_guarded(key, other, backend.expires)
+    assert await raw.get(key) == stored
+
+
+async def test_closing_fails_every_waiter_whose_first_read_is_not_sent(
+    make: BackendFactory,
+) -> None:
+    # Whatever the moment aclose() comes (waiters just registered, watched and queued
+    # for their batched MGET, or that MGET in flight), every waiter ends at once.
+    hung = []
+    for pause in range(6):
+        backend = await backend_of(make)
+        ids = [new_id() for _ in range(200)]
+        # Other waiters on the same ids keep them watched: new waiters go straight
+        # to their read, queued for one batched MGET.
+        async with backend.waiter(ids) as anchor:
+            for _ in ids:
+                await anchor.next()
+            waits = [asyncio.create_task(ar.AsyncResult(i, backend).get(timeout=30)) for i in ids]
+            for _ in range(pause):
+                await asyncio.sleep(0)
+            await backend.aclose()
+            done, pending = await asyncio.wait(waits, timeout=5)
+        for task in pending:
+            task.cancel()
+        hung.append(len(pending))
+        if not pending:
+            outcomes = [t.exception() for t in done]
+            assert all(isinstance(o, ar.BackendClosed) for o in outcomes), outcomes[:3]
+    assert hung == [0] * 6
+
+
+async def test_backend_and_driver_options_in_the_url(
+    redis_server: RedisServer, raw: aioredis.Redis
+) -> None:
+    url = (
+        f"{redis_server.url}?global_keyprefix=app1&expires=60&health_check_interval=5"
+        "&client_name=aioresults-url-test"
+    )
+    settings = parse_url(url)
+    assert (settings["global_keyprefix"], settings["expires"]) == ("app1", 60.0)
+    assert (settings["health_check_interval"], settings["client_name"]) == (
+        5.0,
+        "aioresults-url-test",
+    )
+    async with RedisBackend(url) as backend:
+        assert (backend.global_keyprefix, backend.expires) == ("app1_", 60)
+        assert backend.health_check_interval == 5
+        task_id = new_id()
+        await backend.mark_as_done(task_id, 1)
+        key = f"app1_celery-task-meta-{task_id}"
+        assert 59_000 < await raw.pttl(key) <= 60_000
+        assert (await backend.get_meta(task_id)).result == 1
+        # redis-py's own connection options reach the connections.
+        assert any(c["name"] == "aioresults-url-test" for c in await raw.client_list())
+    # An argument wins over the URL.
+    assert RedisBackend(url, expires=10, global_keyprefix="app2:").expires == 10
+    assert RedisBackend(url, global_keyprefix="app2:").global_keyprefix == "app2:"
+    with pytest.raises(ar.ConfigurationError, match="health_check_interval"):
+        RedisBackend(url, health_check_interval=0)
+    # An option neither the backend nor its redis-py connections know is refused, naming it.
+    with pytest.raises(ar.ConfigurationError, match="made_up"):
+        RedisBackend(f"{redis_server.url}?global_keyprefix=app1&made_up=1")
+    with pytest.raises(ar.ConfigurationError, match="command_packer"):
+        RedisBackend(f"{redis_server.url}?command_packer=x")  # the blocking client's only

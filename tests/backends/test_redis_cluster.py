@@ -240,7 +240,8 @@ async def test_cancelling_1000_waiters_leaves_no_shard_subscription(
         task.cancel()
     outcomes = await asyncio.gather(*waits, return_exceptions=True)
     assert all(isinstance(o, asyncio.CancelledError) for o in outcomes)
-    assert reader.wait_stats().waiters == 0 and not any(s.watched for s in reader._shards.values())
+    stats = reader.wait_stats()
+    assert stats.waiters == 0 and stats.watched_ids == ()
     await until(lambda: no_shard_channels(masters))
     # The connections still serve new waiters.
     task_id = new_id()
@@ -276,11 +277,11 @@ async def test_a_waiter_follows_its_slot_to_another_master(
         other = next(i for i in iter(new_id, None) if slot_of(i) == slot)
         # A waiter subscribes before it reads, so no read has corrected the map yet.
         async with late.waiter([other]) as waiter:
-            assert (await waiter.next())[1] == ar.ResultMeta.pending(other)
+            assert (await waiter.next()).meta() == ar.ResultMeta.pending(other)
             await until(subscribed_where_they_live(masters, [other], [source]))
             await writer.mark_as_done(other, "found")
-            _, item = await waiter.next()
-        assert isinstance(item, ar.ResultMeta) and item.result == "found"
+            item = (await waiter.next()).meta()
+        assert item.result == "found"
     finally:
         await give_back(redis_cluster, masters, slot, source)
 
@@ -303,16 +304,23 @@ async def test_waiters_survive_a_master_restart(
     owners = [await masters.owner(slot_of(t)) for t in ids]
     waits = [asyncio.create_task(ar.AsyncResult(t, reader).get(timeout=20)) for t in ids]
     await until(subscribed_where_they_live(masters, ids, owners))
+
+    async def settled() -> bool:
+        # Every master's confirmation read by the reader, every first read done.
+        stats = reader.wait_stats()
+        sessions = stats.sessions_by_node
+        return len(sessions) == 3 and all(sessions.values()) and stats.unsettled == 0
+
+    await until(settled)
     victim: RedisServer = redis_cluster.nodes[0]
     victim.restart()  # same port, same nodes.conf, no data: its subscriptions are gone
     redis_cluster.wait_ok()
     for n, task_id in enumerate(ids):
         await writer.mark_as_done(task_id, n)
     assert await asyncio.gather(*waits) == list(range(90))
-    assert reader._shards[f"127.0.0.1:{victim.port}"].connections >= 2
-    assert all(
-        s.connections == 1 for name, s in reader._shards.items() if str(victim.port) not in name
-    )
+    sessions = reader.wait_stats().sessions_by_node
+    assert sessions[f"127.0.0.1:{victim.port}"] >= 2
+    assert all(n == 1 for name, n in sessions.items() if str(victim.port) not in name)
 
 
 # ------------------------------------------------------------------ chords
@@ -334,9 +342,16 @@ async def test_chord_keys_share_one_slot_and_complete_once(
         )
 
     outcomes = await asyncio.gather(*(deliver(n, i, t) for n, (i, t) in enumerate(deliveries)))
-    assert sum(o.complete for o in outcomes) == 1
-    assert sum(o.counted for o in outcomes) == 50
-    assert next(o for o in outcomes if o.complete).results == list(range(50))
+    # Each part is delivered twice: both deliveries of the part that completed the
+    # chord report it complete (the redelivery with counted=False); no other part does.
+    complete = [o for o in outcomes if o.complete]
+    assert len({o.task_id for o in complete}) == 1
+    assert len(complete) == 2 and sum(o.counted for o in complete) == 1
+    assert all(o.count == o.size == 50 for o in complete)
+    assert all(o.results == list(range(50)) for o in complete)
+    assert sorted(o.count for o in outcomes if o.counted) == list(range(1, 51))
+    others = [o for o in outcomes if o.task_id != complete[0].task_id]
+    assert all(not o.complete and o.count is not None and o.count < 50 for o in others)
     keys = [k for c in masters.clients for k in await c.keys(f"*{group_id}*")]
     assert len(keys) == 4
     assert {key_slot(k) for k in keys} == {key_slot(group_id.encode())}
@@ -395,7 +410,8 @@ async def test_an_injected_cluster_client(redis_cluster: RedisCluster) -> None:
 
 
 async def has_waiter(backend: RedisBackend, task_id: str) -> bool:
-    return any(s.connections for s in backend._shards.values()) and (task_id in backend.wait_stats().watched_ids)
+    stats = backend.wait_stats()
+    return any(stats.sessions_by_node.values()) and task_id in stats.watched_ids
 
 
 async def test_an_unreachable_cluster_is_backend_unavailable() -> None:

@@ -74,6 +74,16 @@ def subscribed(raw: aioredis.Redis, task_ids: list[str]) -> Callable[[], Awaitab
     return check
 
 
+def settled(backend: RedisBackend) -> Callable[[], Awaitable[bool]]:
+    """Whether the backend's pub/sub session is confirmed and every waiter has its first read."""
+
+    async def check() -> bool:
+        stats = backend.wait_stats()
+        return stats.sessions >= 1 and stats.unsettled == 0
+
+    return check
+
+
 async def test_waiters_survive_a_server_restart(
     server: RedisServer, raw: aioredis.Redis, pair: tuple[RedisBackend, RedisBackend]
 ) -> None:
@@ -81,6 +91,8 @@ async def test_waiters_survive_a_server_restart(
     ids = [new_id() for _ in range(1000)]
     waits = [asyncio.create_task(ar.AsyncResult(i, reader).get(timeout=30)) for i in ids]
     await until(subscribed(raw, ids))
+    # The server has the channels; the reader may still be reading its confirmation.
+    await until(settled(reader))
     server.kill()
     await asyncio.sleep(0.3)  # the reader notices and retries against a dead port
     assert not any(w.done() for w in waits)
@@ -89,7 +101,7 @@ async def test_waiters_survive_a_server_restart(
     for n, task_id in enumerate(ids):
         await writer.mark_as_done(task_id, n)
     assert await asyncio.gather(*waits) == list(range(1000))
-    assert reader._subscriber.connections >= 2
+    assert reader.wait_stats().sessions >= 2
     assert reader.wait_stats().waiters == 0
 
 
@@ -108,8 +120,9 @@ async def test_a_waiter_entering_during_an_outage_recovers(
     async def wait_for_it() -> ar.ResultMeta:
         async with reader.waiter([task_id]) as waiter:
             while True:
-                _, item = await waiter.next()
-                assert isinstance(item, ar.ResultMeta)
+                record = await waiter.next()
+                assert record is not None
+                item = record.meta()  # raises a read error delivered instead
                 if item.ready:
                     return item
 
@@ -137,7 +150,7 @@ async def test_a_silent_server_is_detected_by_the_health_check(
         server.process.send_signal(signal.SIGCONT)
     await writer.mark_as_done(task_id, "thawed")
     assert await waiting == "thawed"
-    assert reader._subscriber.connections >= 2  # the silent connection was replaced
+    assert reader.wait_stats().sessions >= 2  # the silent connection was replaced
 
 
 async def test_pubsub_killed_right_before_each_store_loses_nothing(
@@ -152,7 +165,7 @@ async def test_pubsub_killed_right_before_each_store_loses_nothing(
         await raw.client_kill_filter(_type="pubsub")
         await writer.mark_as_done(task_id, n)
         assert await waiting == n
-    assert reader._subscriber.connections >= 51  # every kill was noticed and healed
+    assert reader.wait_stats().sessions >= 51  # every kill was noticed and healed
 
 
 async def test_timed_out_and_cancelled_waiters_leave_no_subscription(
@@ -208,3 +221,52 @@ async def test_a_corrupt_payload_fails_only_its_own_waiters(
     assert await asyncio.gather(*good_waits) == list(range(100))
     assert (await reader.get_meta(good[0])).status == states.SUCCESS
     assert reader.wait_stats().waiters == 0
+
+
+@pytest.fixture
+async def black_hole() -> AsyncIterator[str]:
+    """The URL of a server that accepts connections and never answers, as a host
+    behind a dropping firewall or a hung process looks to a client."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+        while await reader.read(65536):
+            pass
+
+    server = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.mark.parametrize(
+    ("query", "options", "attempts"),
+    [
+        ("", {"command_timeout": 1, "retries": 0}, 1),
+        # A timeout is not retried however many retries connection errors get.
+        ("", {"command_timeout": 1}, 1),
+        ("", {"command_timeout": 1, "retries": 1}, 2),
+        ("?command_timeout=1&retries=1", {}, 2),
+        ("?command_timeout=60", {"command_timeout": 1, "retries": 1}, 2),  # the argument wins
+    ],
+    ids=["no-retry", "default-retries", "one-retry", "url", "argument-over-url"],
+)
+async def test_a_black_holed_server_fails_writes_instead_of_blocking(
+    black_hole: str, query: str, options: dict[str, Any], attempts: int
+) -> None:
+    async with RedisBackend(black_hole + query, **options) as backend:
+        started = asyncio.get_running_loop().time()
+        with anyio.fail_after(10), pytest.raises(ar.BackendUnavailable) as caught:
+            await backend.mark_as_done(new_id(), "lost")
+        elapsed = asyncio.get_running_loop().time() - started
+        assert type(caught.value.__cause__).__module__.startswith("redis")
+        # One command timeout per attempt, and the retries' short pauses.
+        assert 1 <= elapsed < attempts + 2
+        with anyio.fail_after(10), pytest.raises(ar.BackendUnavailable):
+            await backend.get_meta(new_id())

@@ -182,6 +182,10 @@ async def watch_from_the_start(
     async with anyio.create_task_group() as tg:
         tg.start_soon(watch)
         await wait_for_subscriber(backend, task_id)
+        # A watch subscribes, then reads: its first record follows the subscription.
+        with anyio.fail_after(WAIT):
+            while not seen:
+                await anyio.sleep(0.01)
         assert [m.status for m in seen] == [states.PENDING]  # nothing was sent yet
         await in_thread(lambda: send(app, name, *args, task_id=task_id))
     return task_id, seen

@@ -75,6 +75,9 @@ logger = logging.getLogger("aioresults.backends.redis")
 
 #: Keys per MGET; larger batches are pipelined.
 BATCH = 1000
+#: Seconds a command may wait for its reply, unless the URL or an argument says.
+COMMAND_TIMEOUT = 10.0
+_DEFAULT: Any = object()
 
 
 def _bytes(value: Any) -> bytes | None:
@@ -124,7 +127,7 @@ class RedisBackend(KeyValueBackend):
         redis_options: Mapping[str, Any] | None = None,
         max_connections: int | None = None,
         retries: int | None = None,
-        command_timeout: float | None = 10.0,
+        command_timeout: float | None = _DEFAULT,
         health_check_interval: float | None = None,
         **options: Any,
     ) -> None:
@@ -154,14 +157,25 @@ class RedisBackend(KeyValueBackend):
         retries = from_url.get("retries", 6) if retries is None else retries
         if not isinstance(retries, int) or retries < 0:
             raise ConfigurationError("retries must be a non-negative integer")
-        interval = health_check_interval or from_url.get("health_check_interval", 30.0)
-        if interval <= 0:
+        interval = (
+            from_url.get("health_check_interval", 30.0)
+            if health_check_interval is None
+            else health_check_interval
+        )
+        if not interval or interval <= 0:
             raise ConfigurationError("health_check_interval must be a positive number of seconds")
         self.health_check_interval = float(interval)
-        command_timeout = from_url.get("command_timeout", command_timeout)
+        if command_timeout is _DEFAULT:
+            command_timeout = from_url.get("command_timeout", COMMAND_TIMEOUT)
         if command_timeout is not None:
             settings.setdefault("socket_timeout", command_timeout)
-        settings["retry"] = Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries)
+        # A lost connection is retried (every command here is idempotent); a
+        # command that timed out is not: the host is silent, say so at once.
+        settings["retry"] = Retry(
+            ExponentialWithJitterBackoff(base=0.05, cap=1.0),
+            retries,
+            supported_errors=(redis_errors.ConnectionError,),
+        )
         if self.cluster and client is None:
             if self._sentinels is not None:
                 raise ConfigurationError("a Redis Cluster is not found through Sentinel")

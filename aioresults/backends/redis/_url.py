@@ -25,6 +25,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 import redis.asyncio as aioredis
 from redis import connection as redis_connection
+from redis.asyncio import connection as async_connection
 
 from ..._exceptions import ConfigurationError
 from ..base import redact_url
@@ -78,10 +79,11 @@ _CONNECTION_OPTIONS: dict[str, Callable[[str], Any]] = {
 }
 _CONNECTION_OPTIONS.pop("health_check_interval", None)  # the backend's own (pub/sub PINGs)
 _CONNECTION_OPTIONS.pop("max_connections", None)
-# Any other keyword a redis-py connection takes passes through as text.
+# Any other keyword the backend's (asyncio) redis-py connections take passes through
+# as text; one only the blocking client takes would fail at the first connection.
 _DRIVER_KEYWORDS = frozenset(
     name
-    for cls in (redis_connection.AbstractConnection, redis_connection.Connection)
+    for cls in (async_connection.AbstractConnection, async_connection.Connection)
     for name in inspect.signature(cls.__init__).parameters
     if name not in ("self", "args", "kwargs")
 )
