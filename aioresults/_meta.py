@@ -115,21 +115,35 @@ class ResultMeta:
             from ._serialization import exception_to_dict
 
             result = (exception_encoder or exception_to_dict)(result)
+        date_done = self.date_done
         out: dict[str, Any] = {
             "status": self.status,
             "result": result,
             "traceback": self.traceback,
             "children": self.children,
-            "date_done": self.date_done.isoformat() if self.date_done is not None else None,
+            "date_done": date_done.isoformat() if date_done is not None else None,
         }
-        for key in _OPTIONAL:
-            value = getattr(self, key)
-            if value is not None or key in self.present:
-                out[key] = value
-        if any(getattr(self, key) is not None or key in self.present for key in _EXTENDED):
-            for key in _EXTENDED:
-                out[key] = getattr(self, key)
-        out.update(self.extra)
+        present = self.present
+        if (
+            self.group_id is not None
+            or self.parent_id is not None
+            or self.name is not None
+            or self.args is not None
+            or self.kwargs is not None
+            or self.worker is not None
+            or self.retries is not None
+            or self.queue is not None
+            or (present and not present <= _BASIC)
+        ):
+            for key in _OPTIONAL:
+                value = getattr(self, key)
+                if value is not None or key in present:
+                    out[key] = value
+            if any(getattr(self, key) is not None or key in present for key in _EXTENDED):
+                for key in _EXTENDED:
+                    out[key] = getattr(self, key)
+        if self.extra:
+            out.update(self.extra)
         out["task_id"] = self.task_id
         return out
 

@@ -86,13 +86,11 @@ async def wait_ready(backend: ResultReader, task_id: str, timeout: float | None)
     """Wait for one id's ready record: :func:`iter_updates` without the generator,
     since one process may hold tens of thousands of these waits at once."""
     if timeout == 0:
-        meta = (await backend.get_many([task_id]))[0]
-        if meta.ready:
-            return meta
-        raise ResultTimeout([task_id], 0)
+        return await _ready_now(backend, task_id)
     deadline = _runtime.deadline_after(timeout)
     waiter = backend.waiter((task_id,), ready_only=True)
-    await _enter(waiter, (task_id,), timeout, deadline)
+    if not _enter_now(waiter):
+        await _enter(waiter, (task_id,), timeout, deadline)
     try:
         while True:
             record = waiter.take()
@@ -100,8 +98,7 @@ async def wait_ready(backend: ResultReader, task_id: str, timeout: float | None)
                 await waiter.arrival(deadline)
                 record = waiter.take()
                 if record is None:
-                    assert timeout is not None
-                    raise ResultTimeout([task_id], timeout)
+                    raise ResultTimeout([task_id], timeout)  # type: ignore[arg-type]
             meta = record.meta()
             if meta.ready:
                 return meta
@@ -109,6 +106,21 @@ async def wait_ready(backend: ResultReader, task_id: str, timeout: float | None)
             del meta, record
     finally:
         waiter.close()
+
+
+async def _ready_now(backend: ResultReader, task_id: str) -> ResultMeta:
+    """``timeout=0``: read once, never wait."""
+    meta = (await backend.get_many([task_id]))[0]
+    if meta.ready:
+        return meta
+    raise ResultTimeout([task_id], 0)
+
+
+def _enter_now(waiter: Watch) -> bool:
+    """Register a hub waiter at once when it needs no await (the backend is
+    open): no task step and no timeout scope for that."""
+    enter = getattr(waiter, "enter_now", None)
+    return enter is not None and bool(enter())
 
 
 class AsyncResult(Generic[T]):
@@ -230,9 +242,37 @@ class AsyncResult(Generic[T]):
         :raises ResultTimeout: not ready in time (also a :class:`TimeoutError`).
         """
         meta = self._meta
-        if meta is None:
-            meta = self._remember(await wait_ready(self.backend, self.id, timeout))
+        if meta is not None:
+            return value_of(meta, propagate)
+        if timeout == 0:
+            return await self._get_now(propagate)
+        # wait_ready(), inlined: one coroutine frame per pending get(), not two,
+        # since a process may hold tens of thousands of them.
+        deadline = _runtime.deadline_after(timeout)
+        waiter = self.backend.waiter((self.id,), ready_only=True)
+        if not _enter_now(waiter):
+            await _enter(waiter, (self.id,), timeout, deadline)
+        try:
+            while True:
+                record = waiter.take()
+                if record is None:
+                    await waiter.arrival(deadline)
+                    record = waiter.take()
+                    if record is None:
+                        raise ResultTimeout([self.id], timeout)  # type: ignore[arg-type]
+                meta = record.meta()
+                if meta.ready:
+                    break
+                del meta, record
+        finally:
+            waiter.close()
+        self._meta = meta
         return value_of(meta, propagate)
+
+    async def _get_now(self, propagate: bool) -> Any:
+        """``get(timeout=0)``: read once (kept apart: it would make every pending
+        ``get()``'s frame larger)."""
+        return value_of(self._remember(await _ready_now(self.backend, self.id)), propagate)
 
     async def watch(self, timeout: float | None = None) -> AsyncGenerator[ResultMeta, None]:
         """Yield the record now and at every state change, ending with the ready one.

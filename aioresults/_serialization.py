@@ -143,8 +143,30 @@ def _json_object_hook(obj: dict[str, Any]) -> Any:
     return obj
 
 
-def _json_dumps(obj: Any) -> bytes:
-    return json.dumps(obj, default=_json_default).encode("utf-8")
+try:
+    from json.encoder import c_make_encoder as _c_make_encoder  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - an interpreter without the C accelerator
+    _c_make_encoder = None
+
+if _c_make_encoder is not None:
+    # json.dumps(obj, default=...) builds an encoder per call; the C encoder
+    # keeps no state between calls, so one serves every write. Same output
+    # (kombu's separators, ASCII); no circular check: a cycle fails as a
+    # RecursionError instead of a ValueError, a SerializationError either way.
+    _iterencode = _c_make_encoder(
+        None, _json_default, json.encoder.encode_basestring_ascii, None, ": ", ", ",
+        False, False, True,
+    )  # fmt: skip
+
+    def _json_dumps(obj: Any) -> bytes:
+        if type(obj) is str:
+            return json.encoder.encode_basestring_ascii(obj).encode()
+        return "".join(_iterencode(obj, 0)).encode()
+
+else:  # pragma: no cover
+
+    def _json_dumps(obj: Any) -> bytes:
+        return json.dumps(obj, default=_json_default).encode("utf-8")
 
 
 _TAGGED_DECODER = json.JSONDecoder(object_hook=_json_object_hook)
@@ -420,7 +442,9 @@ class Codec:
     :param known_exceptions: exception classes that decode as themselves.
     """
 
-    __slots__ = ("_format", "accept", "compression", "known_exceptions", "max_value_size")
+    __slots__ = (
+        "_format", "_json_read", "accept", "compression", "known_exceptions", "max_value_size",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -461,6 +485,7 @@ class Codec:
         if max_value_size <= 0:
             raise ConfigurationError("max_value_size must be positive")
         self._format = fmt
+        self._json_read = "json" in accepted
         self.accept = accepted
         self.compression = compression
         self.max_value_size = max_value_size
@@ -507,6 +532,29 @@ class Codec:
         :raises ContentDisallowed: its serializer is not in ``accept``.
         :raises DecodeError: it is corrupt.
         """
+        if type(payload) is bytes and payload[:1] == b"{" and self._json_read:
+            # The common case, straight to the JSON reader (the checks below pass).
+            if len(payload) > self.max_value_size:
+                raise ResultTooLarge(
+                    f"stored payload is {len(payload)} bytes; "
+                    f"max_value_size is {self.max_value_size}"
+                )
+            try:
+                text = payload.decode("utf-8")
+                if '"__type__"' not in text:
+                    # _json_loads, inlined: joins decode thousands of records.
+                    try:
+                        value, end = _scan_once(text, 0)
+                    except StopIteration:
+                        pass  # corrupt: the full path says how
+                    else:
+                        if end == len(text):
+                            return value
+                return _json_loads(payload)
+            except AioResultsError:
+                raise
+            except Exception as exc:
+                raise DecodeError(f"corrupt json payload: {exc}") from exc
         if isinstance(payload, bytes):
             data = payload
         elif isinstance(payload, str):

@@ -164,3 +164,93 @@ async def wake_latencies(
 
 def summary(values: Sequence[float]) -> tuple[float, float, float]:
     return percentile(values, 50), percentile(values, 90), statistics.fmean(values)
+
+
+# ------------------------------------------------------------------ one writer, many readers
+
+
+class SharedWriter:
+    """The one writer process of a run (``_writer.py serve``): reader processes
+    reach it over a Unix socket with :class:`WriterClient`, so every reader is
+    measured against the same process and the same storage call."""
+
+    def __init__(self, url: str) -> None:
+        import tempfile
+
+        self._tmp = tempfile.TemporaryDirectory(prefix="aioresults-writer-")
+        self.path = str(Path(self._tmp.name) / "writer.sock")
+        self.args = [
+            sys.executable,
+            str(ROOT / "benchmarks" / "_writer.py"),
+            "serve",
+            url,
+            self.path,
+        ]
+        self.process: asyncio.subprocess.Process | None = None
+
+    async def __aenter__(self) -> SharedWriter:
+        self.process = await asyncio.create_subprocess_exec(
+            *self.args, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, cwd=str(ROOT)
+        )
+        assert self.process.stdout is not None
+        ready = await asyncio.wait_for(self.process.stdout.readline(), 60)
+        if ready.strip() != b"ready":
+            raise RuntimeError(f"the writer failed to start: {ready!r}")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.process is not None:
+            assert self.process.stdin is not None
+            self.process.stdin.close()
+            try:
+                await asyncio.wait_for(self.process.wait(), 10)
+            except TimeoutError:
+                self.process.kill()
+                await self.process.wait()
+        self._tmp.cleanup()
+
+
+class WriterClient:
+    """A reader's line to the :class:`SharedWriter`."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    async def connect(self) -> WriterClient:
+        self._reader, self._writer = await asyncio.open_unix_connection(self.path)
+        return self
+
+    def fileno(self) -> int:
+        assert self._writer is not None
+        sock = self._writer.get_extra_info("socket")
+        return int(sock.fileno())
+
+    async def request(self, line: str) -> float:
+        assert self._reader is not None and self._writer is not None
+        self._writer.write(line.encode() + b"\n")
+        await self._writer.drain()
+        return float(await self._reader.readline())
+
+    async def store(self, task_id: str, mode: str = "celery") -> float:
+        """Have the writer store ``task_id`` now; the time just before its store call."""
+        return await self.request(f"{mode} {task_id}")
+
+    async def bulk(self, path: str) -> float:
+        """Have the writer store every id listed in ``path``; the time the last is stored."""
+        return await self.request(f"bulk {path}")
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+def spread(values: Sequence[float], digits: int = 2) -> str:
+    """``median (min–max)`` of per-round values, e.g. ratios."""
+    if not values:
+        return "n/a"
+    middle = statistics.median(values)
+    if len(values) == 1:
+        return f"{middle:.{digits}f}"
+    return f"{middle:.{digits}f} ({min(values):.{digits}f}–{max(values):.{digits}f})"

@@ -3,6 +3,18 @@
 Usage: ``python benchmarks/_writer.py MODE URL``; reads one task id per line
 from stdin, stores a SUCCESS result for it with MODE's own storage call and
 prints ``time.monotonic()`` taken just before that call.
+
+``python benchmarks/_writer.py serve URL SOCKET`` is the one writer process of
+the Redis suite, shared by every reader process of a run: it listens on the
+Unix socket ``SOCKET``, and each line it reads is a request answered with one
+line (``time.monotonic()``):
+
+* ``celery <task_id>``: store a SUCCESS record in Celery's format with the
+  guarded write script aioresults uses (one EVALSHA); the time just before.
+* ``taskiq <task_id>``: taskiq-redis's own ``set_result``; the time just before.
+* ``bulk <path>``: store a SUCCESS record (result: its index) for every id in
+  the JSON list at ``path``, pipelined in one write; the time the last reply
+  came back.
 """
 
 from __future__ import annotations
@@ -11,9 +23,11 @@ import asyncio
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 VALUE = {"answer": 42}
+ROOT = str(Path(__file__).resolve().parent.parent)
 
 
 async def make_store(mode: str, url: str) -> tuple[Callable[[str], Awaitable[Any]], Any]:
@@ -86,7 +100,103 @@ async def make_store(mode: str, url: str) -> tuple[Callable[[str], Awaitable[Any
             await pool.set(f"arq:result:{task_id}", data, px=3_600_000)
 
         return arq_store, pool.aclose
+    if mode == "saq":
+        from saq import Queue, Status
+
+        queue = Queue.from_url(url, name="bench")
+        await queue.connect()
+
+        async def saq_store(task_id: str) -> None:
+            job = await queue.job(task_id)
+            assert job is not None
+            await queue.finish(job, Status.COMPLETE, result=VALUE)
+
+        return saq_store, queue.disconnect
     raise SystemExit(f"unknown mode {mode}")
+
+
+def celery_record(task_id: str, result: Any) -> bytes:
+    """A SUCCESS record as Celery writes it."""
+    import datetime as dt
+    import json
+
+    return json.dumps(
+        {
+            "status": "SUCCESS",
+            "result": result,
+            "traceback": None,
+            "children": [],
+            "date_done": dt.datetime.now(dt.UTC).isoformat(),
+            "task_id": task_id,
+        }
+    ).encode()
+
+
+async def serve(url: str, path: str) -> None:
+    import json
+    from urllib.parse import urlsplit
+
+    sys.path.insert(0, ROOT)
+    from aioresults.backends.redis._scripts import WRITE
+    from benchmarks._redis_limits import open_raw
+
+    client = await open_raw(urlsplit(url).port or 6379)
+    sha = await client.call("SCRIPT", "LOAD", WRITE)
+    stores: dict[str, Callable[[str], Awaitable[Any]]] = {}
+
+    async def celery(task_id: str) -> None:
+        key = f"celery-task-meta-{task_id}"
+        await client.call("EVALSHA", sha, 1, key, celery_record(task_id, VALUE), 86_400_000)
+
+    stores["celery"] = celery
+    taskiq_close = None
+    try:
+        stores["taskiq"], taskiq_close = await make_store("taskiq", url)
+    except ImportError:
+        pass
+
+    async def bulk(source: str) -> float:
+        with open(source) as listing:  # noqa: ASYNC230 - a small local file
+            ids = json.load(listing)
+        replies = [
+            client.call("EVALSHA", sha, 1, f"celery-task-meta-{i}", celery_record(i, n), 86_400_000)
+            for n, i in enumerate(ids)
+        ]
+        await replies[-1]
+        return time.monotonic()
+
+    lines: set[asyncio.StreamWriter] = set()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        lines.add(writer)
+        while line := await reader.readline():
+            mode, _, argument = line.decode().strip().partition(" ")
+            if mode == "bulk":
+                answer = await bulk(argument)
+            else:
+                answer = time.monotonic()
+                await stores[mode](argument)
+            writer.write(f"{answer!r}\n".encode())
+            await writer.drain()
+        writer.close()
+        lines.discard(writer)
+
+    server = await asyncio.start_unix_server(handle, path)
+    print("ready", flush=True)
+    loop = asyncio.get_running_loop()
+    stdin = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
+    await stdin.read()  # until the parent closes it
+    server.close()
+    for line in list(lines):
+        line.close()  # its handler reads the end and returns
+    for _ in range(100):
+        if not lines:
+            break
+        await asyncio.sleep(0.01)
+    client.close()
+    if taskiq_close is not None:
+        await taskiq_close()
 
 
 async def main(mode: str, url: str) -> None:
@@ -105,4 +215,7 @@ async def main(mode: str, url: str) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], sys.argv[2]))
+    if sys.argv[1] == "serve":
+        asyncio.run(serve(sys.argv[2], sys.argv[3]))
+    else:
+        asyncio.run(main(sys.argv[1], sys.argv[2]))

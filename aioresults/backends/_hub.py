@@ -63,10 +63,13 @@ class WaiterHub:
             feed.bind(self)
         #: Waiters by watched id: usually one (kept bare), a list when there are more.
         self.watched: dict[str, Waiter | list[Waiter]] = {}
-        # The last record seen per id (ids with no record have none), and a count
-        # of changes per id, so a slow read never overwrites a newer record.
+        # The last record seen per id (ids with no record have none), and, while
+        # reads are in flight, a count of changes per id since they began, so a
+        # slow read never overwrites a newer record.
         self._last: dict[str, Record] = {}
         self._versions: dict[str, int] = {}
+        self._reads = 0
+        self._registered = 0
         self._to_watch: set[str] = set()
         self._in_flight: set[str] = set()
         self._to_read: set[Waiter] = set()
@@ -96,7 +99,7 @@ class WaiterHub:
 
     def __len__(self) -> int:
         """The number of registered waiters."""
-        return len({id(w) for task_id in self.watched for w in self._waiters(task_id)})
+        return self._registered
 
     def watched_ids(self) -> list[str]:
         """The ids at least one waiter is waiting for."""
@@ -149,6 +152,8 @@ class WaiterHub:
                 found.append(waiter)  # type: ignore[union-attr]
         self._to_read.add(waiter)
         self.registrations += 1
+        if waiter.ids:
+            self._registered += 1
         if not self._settling:
             self._settling = True
             self._source._start_task(self._settle, name=f"{self._name} waits")
@@ -163,11 +168,12 @@ class WaiterHub:
         self._to_read.discard(waiter)
         gone = []
         watched = self.watched
+        removed = False
         for task_id in waiter.ids:
             found = watched.get(task_id)
             if found is waiter:
+                removed = True
                 del watched[task_id]
-                self._versions.pop(task_id, None)
                 self._last.pop(task_id, None)
                 if task_id in self._to_watch:
                     self._to_watch.discard(task_id)  # never watched: nothing to end
@@ -175,9 +181,12 @@ class WaiterHub:
                     gone.append(task_id)
             elif type(found) is list:
                 if waiter in found:
+                    removed = True
                     found.remove(waiter)
                 if len(found) == 1:
                     watched[task_id] = found[0]
+        if removed:
+            self._registered -= 1
         if gone:
             self._unwatch(gone)
 
@@ -245,35 +254,63 @@ class WaiterHub:
         if not ids:
             return
         versions = self._versions
-        before = [versions.get(i, 0) for i in ids]
+        self._reads += 1
         try:
-            raws = await self._source._read_raw(ids)
-        except Exception as exc:
-            self._fail(readers, exc)
-            return
+            before = [versions.get(i, 0) for i in ids] if versions else [0] * len(ids)
+            try:
+                raws = await self._source._read_raw(ids)
+            except Exception as exc:
+                self._fail(readers, exc)
+                return
+            self._settled(ids, before, raws, readers)
+        finally:
+            self._done_reading()
+
+    def _settled(
+        self, ids: list[str], before: list[int], raws: Sequence[Any], readers: set[Waiter]
+    ) -> None:
+        versions = self._versions
+        last_seen = self._last
+        watched = self.watched
         decode = self._source._decode
+        # Change counts matter to other reads in flight only.
+        others = self._reads > 1
         for task_id, version, raw in zip(ids, before, raws, strict=True):
-            if versions.get(task_id, 0) != version:
+            if versions and versions.get(task_id, 0) != version:
                 continue  # a newer record was delivered while we read
-            last = self._last.get(task_id)
+            last = last_seen.get(task_id) if last_seen else None
             if last is not None and last.raw != raw:
                 # Earlier waiters hold an older record and no push may follow:
                 # this read is news for them too.
                 self.deliver(task_id, raw)
                 continue
+            record: Record | None
             if isinstance(raw, Exception):
                 record = Record.failed(task_id, raw)
             elif last is not None:
                 record = last
             else:
-                record = Record(task_id, raw, decode)
-                if raw is not None:
-                    self._last[task_id] = record
-                # A refresh that started before this read must not deliver an older record.
-                versions[task_id] = version + 1
-            for waiter in self._waiters(task_id):
+                # Made only for a waiter that wants PENDING when there is no record.
+                record = None if raw is None else Record(task_id, raw, decode)
+                if record is not None:
+                    last_seen[task_id] = record
+                if others:
+                    # A refresh that started before this read must not deliver an older record.
+                    versions[task_id] = version + 1
+            found = watched.get(task_id)
+            if found is None:
+                continue
+            for waiter in (found,) if type(found) is Waiter else found:  # type: ignore[union-attr]
                 if waiter in readers and (raw is not None or not waiter.ready_only):
+                    if record is None:
+                        record = Record(task_id, None, decode)
                     waiter._put(record)
+
+    def _done_reading(self) -> None:
+        # Change counts matter only to reads in flight: none, none kept.
+        self._reads -= 1
+        if not self._reads:
+            self._versions.clear()
 
     # ------------------------------------------------------------ feeding
 
@@ -298,7 +335,8 @@ class WaiterHub:
                 del self._last[task_id]
             else:
                 self._last[task_id] = record
-        self._versions[task_id] = self._versions.get(task_id, 0) + 1
+        if self._reads:
+            self._versions[task_id] = self._versions.get(task_id, 0) + 1
         if type(found) is Waiter:
             if raw is not None or not found.ready_only:
                 found._put(record)
@@ -332,22 +370,27 @@ class WaiterHub:
         if not ids:
             return 0
         self.refreshes += 1
-        before = [self._versions.get(i, 0) for i in ids]
-        raws = await self._source._read_raw(ids)
-        for raw in raws:
-            if isinstance(raw, BackendUnavailable):
-                # The store could not be reached for that id: not news for its
-                # waiters (they keep waiting); the caller tries again.
-                raise raw
-        changed = 0
-        for task_id, version, raw in zip(ids, before, raws, strict=True):
-            if self._versions.get(task_id, 0) != version:
-                continue
-            last = self._last.get(task_id)
-            if (last.raw if last is not None else None) != raw:
-                changed += 1
-                self.deliver(task_id, raw)
-        return changed
+        versions = self._versions
+        self._reads += 1
+        try:
+            before = [versions.get(i, 0) for i in ids] if versions else [0] * len(ids)
+            raws = await self._source._read_raw(ids)
+            for raw in raws:
+                if isinstance(raw, BackendUnavailable):
+                    # The store could not be reached for that id: not news for its
+                    # waiters (they keep waiting); the caller tries again.
+                    raise raw
+            changed = 0
+            for task_id, version, raw in zip(ids, before, raws, strict=True):
+                if versions.get(task_id, 0) != version:
+                    continue
+                last = self._last.get(task_id)
+                if (last.raw if last is not None else None) != raw:
+                    changed += 1
+                    self.deliver(task_id, raw)
+            return changed
+        finally:
+            self._done_reading()
 
     def refresh_soon(self, task_ids: Collection[str] | None = None) -> None:
         """Re-read ``task_ids`` (None: every watched id) in the background, batched

@@ -7,8 +7,15 @@ records itself; a compressed or pickled record is checked in Python under
 WATCH/MULTI instead. Chord parts are deduplicated and counted by one script,
 with a receipt per part so a retried call finds its own count.
 
+Commands travel on one multiplexed connection per backend (see :mod:`._channel`):
+everything that many coroutines ask for in one event-loop iteration (stores,
+chord parts, reads) leaves in one write, and each caller gets its own reply or
+error. A Redis Cluster, an injected client, or a connection option only
+redis-py knows use redis-py instead (see :mod:`._commands`).
+
 Waits are pushed: one pub/sub connection per backend (one per master on a
-cluster) serves every waiter (see :mod:`._subscriber`). When it drops, the hub
+cluster) serves every waiter (see :mod:`._subscriber`); a message wakes its
+waiters right where it is parsed. When it drops, the hub
 reconnects it with jittered back-off, re-SUBSCRIBEs every watched channel
 first and only then re-reads every watched key, so no result is lost.
 ``watch()`` delivers every state published while connected; a state stored
@@ -20,8 +27,7 @@ default) and then raise :class:`~aioresults.BackendUnavailable`; a command
 unanswered for ``command_timeout`` seconds (10 by default) fails the same way,
 so a black-holed server never blocks a caller. A wait that *starts* while
 Redis is unreachable fails with that error; a wait already under way survives
-an outage of any length (bounded only by its own timeout). Reads issued in the
-same event-loop iteration share one MGET.
+an outage of any length (bounded only by its own timeout).
 
 URLs and their options: see :mod:`._url` (``redis://``, ``rediss://``,
 ``redis+socket://``, ``sentinel://``, ``?cluster=true``). Redis Cluster: the
@@ -34,38 +40,45 @@ backend has no cluster mode; the keys and records stay Celery's.)
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import anyio
 
 from ..._exceptions import (
+    AioResultsError,
+    BackendClosed,
     BackendError,
     BackendUnavailable,
     ConfigurationError,
+    DecodeError,
     MissingDependency,
 )
+from ..._meta import ResultMeta
 from .._chords import PartCount
 from .._feeds import Feed
 from .._support import ErrorRule, ErrorTable, milliseconds
-from ..base import redact_url
+from ..base import BaseBackend, redact_url, validate_id
 from ..keyvalue import KeyValueBackend
 
 try:
+    import hiredis  # noqa: F401 - the backend's own connections parse with it
     import redis.asyncio as aioredis
     from redis import exceptions as redis_errors
     from redis.asyncio.cluster import RedisCluster
-    from redis.asyncio.connection import AbstractConnection
     from redis.asyncio.retry import Retry
-    from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
+    from redis.backoff import ExponentialWithJitterBackoff
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise MissingDependency(
         f"the redis:// backend needs redis-py >= 5.3 ({exc}): pip install 'aioresults[redis]'"
     ) from exc
 
-from . import _scripts
+from ._channel import Channel
 from ._cluster import ClusterFeed
+from ._commands import ClientCommands, Commands, PipelinedCommands
+from ._resp import OPTIONS as PIPELINED_OPTIONS, Connection, Endpoint, connect
 from ._subscriber import Subscriber
 from ._url import BACKEND_OPTIONS, cluster_options, parse_url
 
@@ -73,16 +86,9 @@ __all__ = ["RedisBackend", "parse_url"]
 
 logger = logging.getLogger("aioresults.backends.redis")
 
-#: Keys per MGET; larger batches are pipelined.
-BATCH = 1000
 #: Seconds a command may wait for its reply, unless the URL or an argument says.
 COMMAND_TIMEOUT = 10.0
 _DEFAULT: Any = object()
-
-
-def _bytes(value: Any) -> bytes | None:
-    # A caller's client may decode responses; payloads are bytes to the codec.
-    return value.encode() if isinstance(value, str) else value
 
 
 class RedisBackend(KeyValueBackend):
@@ -157,6 +163,8 @@ class RedisBackend(KeyValueBackend):
         retries = from_url.get("retries", 6) if retries is None else retries
         if not isinstance(retries, int) or retries < 0:
             raise ConfigurationError("retries must be a non-negative integer")
+        #: Attempts after a connection error before an operation gives up.
+        self.retries = retries
         interval = (
             from_url.get("health_check_interval", 30.0)
             if health_check_interval is None
@@ -188,7 +196,8 @@ class RedisBackend(KeyValueBackend):
         # Commands in flight on a cluster: its nodes refuse connections past a limit
         # instead of queueing callers as the single server's blocking pool does.
         self._limit: contextlib.AbstractAsyncContextManager[Any] = contextlib.nullcontext()
-        self._reads = self._batcher(self._read_batch, "redis reads")
+        self._commands: Commands
+        self._exceptions = self.codec.exception_from_dict
         self._errors = ErrorTable(
             [
                 ErrorRule(
@@ -216,11 +225,46 @@ class RedisBackend(KeyValueBackend):
 
     @property
     def client(self) -> aioredis.Redis | RedisCluster:
-        """The redis-py client of ordinary commands (created on first use): a
-        ``redis.asyncio.Redis``, or a ``RedisCluster`` on a cluster."""
+        """A redis-py client on the same server and settings: a
+        ``redis.asyncio.Redis`` (or a ``RedisCluster`` on a cluster), the
+        injected one if any. The backend's own commands use a lighter connection
+        of their own where they can; this client is made on first use for
+        callers that want one, and closed with the backend."""
         if self._client is None:
-            raise BackendError(f"{self!r} is not open yet")
+            if self._closed:
+                raise BackendError(f"{self!r} is closed")
+            self._client = self._make_client()
         return self._client
+
+    def _make_client(self) -> aioredis.Redis | RedisCluster:
+        try:
+            if self.cluster:
+                return RedisCluster(max_connections=self.max_connections, **self._settings)
+            if self._sentinels is not None:
+                return self._redis_sentinel().master_for(self.master_name)  # type: ignore[no-any-return]
+            pool = aioredis.BlockingConnectionPool(
+                max_connections=self.max_connections, **self._settings
+            )
+            return aioredis.Redis.from_pool(pool)
+        except TypeError as exc:  # an option the driver does not take
+            raise ConfigurationError(f"redis-py refused an option of {self!r}: {exc}") from exc
+
+    def _redis_sentinel(self) -> Any:
+        if self._sentinel is None:
+            from redis.asyncio import sentinel
+
+            make_sentinel: Any = sentinel.Sentinel  # untyped in redis-py
+            self._sentinel = make_sentinel(
+                self._sentinels, sentinel_kwargs=self._sentinel_kwargs, **self._settings
+            )
+        return self._sentinel
+
+    @property
+    def pipelined(self) -> bool:
+        """Whether commands use the backend's own multiplexed connection (a single
+        server, its Unix socket, TLS or Sentinel with options it understands)
+        rather than redis-py (a cluster, an injected client, other options)."""
+        return not self.cluster and self._owns_client and set(self._settings) <= PIPELINED_OPTIONS
 
     def _feed(self) -> Feed:
         if self.cluster:
@@ -229,86 +273,91 @@ class RedisBackend(KeyValueBackend):
 
     # ------------------------------------------------------------ lifecycle
 
-    async def _open(self) -> None:
+    def _endpoint(self) -> Endpoint:
+        """Where the backend's own connections go (the URL's settings)."""
         try:
-            if self._client is None:
-                if self.cluster:
-                    self._client = RedisCluster(
-                        max_connections=self.max_connections, **self._settings
-                    )
-                elif self._sentinels is not None:
-                    from redis.asyncio import sentinel
+            endpoint = Endpoint.from_settings(self._settings)
+        except (TypeError, ValueError, OSError) as exc:
+            raise ConfigurationError(f"bad connection settings for {self!r}: {exc}") from exc
+        if self._sentinels is not None:
+            sentinel, name = self._redis_sentinel(), self.master_name
 
-                    make_sentinel: Any = sentinel.Sentinel  # untyped in redis-py
-                    self._sentinel = make_sentinel(
-                        self._sentinels, sentinel_kwargs=self._sentinel_kwargs, **self._settings
-                    )
-                    self._client = self._sentinel.master_for(self.master_name)
-                else:
-                    pool = aioredis.BlockingConnectionPool(
-                        max_connections=self.max_connections, **self._settings
-                    )
-                    self._client = aioredis.Redis.from_pool(pool)
-        except TypeError as exc:  # an option the driver does not take
-            raise ConfigurationError(f"redis-py refused an option of {self!r}: {exc}") from exc
+            async def master() -> tuple[str, int]:
+                host, port = await sentinel.discover_master(name)
+                return str(host), int(port)
+
+            endpoint.resolve = master
+        return endpoint
+
+    async def _open(self) -> None:
+        if self.pipelined:
+            endpoint = self._endpoint()
+            channel = Channel(
+                endpoint,
+                retries=self.retries,
+                timeout=self._settings.get("socket_timeout"),
+                where=self._where(endpoint),
+            )
+            self._commands = PipelinedCommands(channel)
+            return
+        client = self.client
         if self.cluster:
             self._limit = anyio.Semaphore(self.max_connections)
             # Before it knows the slots, redis-py sends commands to random nodes, and
             # a burst of MOVED replies makes it close the connections in use.
             with self._errors.translating("reading the cluster's slots"):
-                await self._client.initialize()
-        self._write_script = self._client.register_script(
-            _scripts.WRITE_SHARDED if self.cluster else _scripts.WRITE
+                await client.initialize()
+        self._commands = ClientCommands(
+            client,
+            limit=self._limit,
+            batch=lambda run: self._batcher(run, "redis reads"),
         )
-        self._count_script = self._client.register_script(_scripts.COUNT_PART)
+
+    def _where(self, endpoint: Endpoint) -> str:
+        if self._sentinels is not None:
+            return f"the master {self.master_name!r}"
+        return endpoint.describe()
 
     async def _close(self) -> None:
         feed = self._hub.feed
         if isinstance(feed, (Subscriber, ClusterFeed)):
             feed.close()
+        self._commands.close(BackendClosed(f"{self!r} was closed"))
         if self._owns_client and self._client is not None:
             client, self._client = self._client, None
             with contextlib.suppress(Exception):
                 await client.aclose()
                 if isinstance(client, aioredis.Redis):
                     await client.connection_pool.disconnect()
-            for sentinel in getattr(self._sentinel, "sentinels", ()):
-                with contextlib.suppress(Exception):
-                    await sentinel.aclose()
+        for sentinel in getattr(self._sentinel, "sentinels", ()):
+            with contextlib.suppress(Exception):
+                await sentinel.aclose()
 
-    def _pubsub_connection(self, node: str | None = None) -> AbstractConnection:
+    async def _pubsub_connect(self, node: str | None = None) -> Connection:
         """A new connection for pub/sub (to cluster node ``node``, named
-        ``host:port``): same credentials, but no read timeout (waits of any
-        length), no retries (the hub reconnects), RESP2 and raw bytes."""
-        client = self.client
-        if isinstance(client, aioredis.Redis):
-            pool = client.connection_pool
-            connection_class, options = pool.connection_class, dict(pool.connection_kwargs)
+        ``host:port``): the same server and credentials as the commands', TCP
+        keep-alive, no command timeout (waits of any length; PINGs tell a dead
+        peer), no retries (the hub reconnects)."""
+        if self.pipelined:
+            endpoint = self._endpoint()
         else:
-            # Any node's settings, credentials and TLS included, aimed at ``node``.
-            known = client.get_node(node_name=node) or client.get_default_node()
-            connection_class, options = known.connection_class, dict(known.connection_kwargs)
-            host, _, port = (node or known.name).rpartition(":")
-            options.update(host=host, port=int(port))
-        options.update(
-            socket_timeout=None,
-            health_check_interval=0,
-            decode_responses=False,
-            protocol=2,
-            retry=Retry(NoBackoff(), 0),
-        )
-        if issubclass(connection_class, aioredis.Connection):
-            options["socket_keepalive"] = True
-        connection: AbstractConnection = connection_class(**options)
-        return connection
-
-    @contextlib.asynccontextmanager
-    async def _command(self, what: str) -> AsyncIterator[Any]:
-        """The client for one operation, within the cluster's concurrency limit;
-        redis-py's errors become the aioresults tree, chained with ``from``."""
-        async with self._limit:
-            with self._errors.translating(what):
-                yield self.client
+            client = self.client
+            if isinstance(client, aioredis.Redis):
+                pool = client.connection_pool
+                connection_class, options = pool.connection_class, dict(pool.connection_kwargs)
+            else:
+                # Any node's settings, credentials and TLS included, aimed at ``node``.
+                known = client.get_node(node_name=node) or client.get_default_node()
+                connection_class, options = known.connection_class, dict(known.connection_kwargs)
+                host, _, port = (node or known.name).rpartition(":")
+                options.update(host=host, port=int(port))
+            options["connection_class"] = connection_class
+            try:
+                endpoint = Endpoint.from_settings(options)
+            except (TypeError, ValueError, OSError) as exc:
+                raise ConfigurationError(f"bad connection settings for {self!r}: {exc}") from exc
+        endpoint.keepalive = endpoint.path is None
+        return await connect(endpoint, where=node or self._where(endpoint))
 
     # ------------------------------------------------------------ keys
 
@@ -318,113 +367,124 @@ class RedisBackend(KeyValueBackend):
 
     # ------------------------------------------------------------ key-value primitives
 
+    def _failed(self, exc: BaseException, doing: str) -> BaseException:
+        """The aioresults error for a driver error (or the error itself)."""
+        if isinstance(exc, AioResultsError):
+            return exc
+        return self._errors.translate(exc, doing) or exc
+
     async def _get(self, key: str) -> bytes | None:
         return (await self._mget([key]))[0]
 
     async def _mget(self, keys: Sequence[str]) -> list[bytes | None]:
-        """Read ``keys``; reads started in the same event-loop iteration share one MGET
-        batch (1,000 keys per MGET, pipelined; on a cluster one MGET per slot), so
-        many concurrent readers cost one round trip per node."""
+        """Read ``keys`` in one MGET (1,000 keys per MGET, several sent at once; on a
+        cluster one MGET per slot)."""
         if not keys:
             return []
-        values: list[bytes | None] = await self._reads(list(keys))
-        return values
+        try:
+            return await self._commands.mget(keys)
+        except self._errors.catches as exc:
+            raise self._failed(exc, "MGET") from exc
 
-    async def _read_batch(self, batches: list[list[str]]) -> list[list[bytes | None]]:
-        keys = [key for batch in batches for key in batch]
-        async with self._command("MGET") as client:
-            if isinstance(client, RedisCluster):
-                values = await client.mget_nonatomic(keys)
-            elif len(keys) <= BATCH:
-                values = await client.mget(keys)
-            else:
-                async with client.pipeline(transaction=False) as pipe:
-                    for start in range(0, len(keys), BATCH):
-                        pipe.mget(keys[start : start + BATCH])
-                    values = [v for chunk in await pipe.execute() for v in chunk]
-        out = []
-        offset = 0
-        for batch in batches:
-            out.append([_bytes(v) for v in values[offset : offset + len(batch)]])
-            offset += len(batch)
+    async def _read_raw(self, task_ids: Sequence[str]) -> Sequence[Any]:
+        prefix = self.global_keyprefix + self.task_keyprefix
+        return await self._mget([prefix + t for t in task_ids])
+
+    async def get_many(self, task_ids: Sequence[str]) -> list[ResultMeta]:
+        """See :meth:`BaseBackend.get_many`; the same, with the per-record decode
+        inlined (a join of thousands decodes every one of them)."""
+        cls = type(self)
+        if cls._decode is not RedisBackend._decode or cls._check_id is not BaseBackend._check_id:
+            return await super().get_many(task_ids)
+        ids = [validate_id(t) for t in task_ids]
+        if not ids:
+            return []
+        if not self._opened:
+            await self._ensure_open()
+        raws = await self._read_raw(ids)
+        decode, from_dict, exceptions = self.codec.decode, ResultMeta.from_dict, self._exceptions
+        out: list[ResultMeta] = []
+        append = out.append
+        for task_id, raw in zip(ids, raws, strict=True):
+            if raw is None:
+                append(ResultMeta.pending(task_id))
+                continue
+            if isinstance(raw, Exception):
+                raise raw
+            try:
+                append(from_dict(decode(raw), task_id, exceptions))
+            except AioResultsError:
+                raise
+            except Exception as exc:  # a hostile payload must not take the reader down
+                raise DecodeError(f"cannot decode the result of {task_id!r}: {exc}") from exc
         return out
 
-    def _publish(self, pipe: Any, key: str, value: bytes) -> None:
-        # PUBLISH reaches every node of a cluster; SPUBLISH only the key's shard.
-        if self.cluster:
-            pipe.spublish(key, value)
-        else:
-            pipe.publish(key, value)
+    def _decode(self, task_id: str, raw: Any) -> ResultMeta:
+        # _decode_payload, one call shallower: joins decode thousands of these.
+        try:
+            return ResultMeta.from_dict(self.codec.decode(raw), task_id, self._exceptions)
+        except AioResultsError:
+            raise
+        except Exception as exc:  # a hostile payload must not take the reader down
+            raise DecodeError(f"cannot decode the result of {task_id!r}: {exc}") from exc
 
     async def _set(self, key: str, value: bytes, ttl: float | None) -> None:
-        # As Celery: the value with its TTL and a PUBLISH, in one MULTI.
-        async with self._command("SET") as client, client.pipeline(transaction=True) as pipe:
-            pipe.set(key, value, px=milliseconds(ttl) or None)
-            self._publish(pipe, key, value)
-            await pipe.execute()
+        try:
+            await self._commands.set(key, value, milliseconds(ttl))
+        except self._errors.catches as exc:
+            raise self._failed(exc, "SET") from exc
 
     async def _set_guarded(self, key: str, value: bytes, ttl: float | None) -> bool:
-        async with self._command("storing a result") as client:
-            written = await self._write_script(keys=[key], args=[value, milliseconds(ttl)])
+        try:
+            written = await self._commands.write(key, value, milliseconds(ttl))
             if written != -1:
                 return bool(written)
-            return await self._set_guarded_watched(client, key, value, ttl)
+            return await self._set_guarded_in_python(key, value, ttl)
+        except self._errors.catches as exc:
+            raise self._failed(exc, "storing a result") from exc
 
-    async def _set_guarded_watched(
-        self, client: Any, key: str, value: bytes, ttl: float | None
-    ) -> bool:
-        """The guard for payloads Lua cannot read: WATCH, check in Python, MULTI."""
-        pipe: Any  # redis-py leaves watch/multi/reset untyped
-        async with client.pipeline(transaction=True) as pipe:
-            while True:
-                try:
-                    await pipe.watch(key)
-                    current = _bytes(await pipe.get(key))
-                    if current is not None and current != value and self.is_success(current):
-                        await pipe.reset()
-                        return False
-                    pipe.multi()
-                    pipe.set(key, value, px=milliseconds(ttl) or None)
-                    self._publish(pipe, key, value)
-                    await pipe.execute()
-                    return True
-                except redis_errors.WatchError:
-                    continue
+    async def _set_guarded_in_python(self, key: str, value: bytes, ttl: float | None) -> bool:
+        """The guard for payloads Lua cannot read (compressed, pickled): judge
+        the stored record here, then write only if it is still that record."""
+        while True:
+            current = (await self._commands.mget([key]))[0]
+            if current is not None and current != value and self.is_success(current):
+                return False
+            seen = "" if current is None else hashlib.sha1(current).hexdigest()
+            if await self._commands.write_if(key, value, milliseconds(ttl), seen) != 2:
+                return True
 
     async def _delete(self, key: str) -> None:
-        async with self._command("DEL") as client:
-            await client.delete(key)
+        try:
+            await self._commands.delete(key)
+        except self._errors.catches as exc:
+            raise self._failed(exc, "DEL") from exc
 
     # ------------------------------------------------------------ chords
 
     async def _chord_start(self, group_id: str, size: int) -> None:
-        async with (
-            self._command("starting a chord") as client,
-            client.pipeline(transaction=True) as pipe,
-        ):
-            pipe.delete(*(self.chord_key(group_id, s) for s in "pnr"))
-            pipe.set(
-                self.chord_key(group_id, "s"), size, px=milliseconds(self.chord_expires) or None
-            )
-            await pipe.execute()
+        keys = [self.chord_key(group_id, s) for s in "pnrs"]
+        try:
+            await self._commands.chord_start(keys, size, milliseconds(self.chord_expires))
+        except self._errors.catches as exc:
+            raise self._failed(exc, "starting a chord") from exc
 
     async def _chord_count(
         self, group_id: str, part_id: str, payload: bytes, receipt: str
     ) -> PartCount | None:
-        keys = [self.chord_key(group_id, s) for s in "spnr"]
-        args: list[bytes | str | int] = [
-            part_id,
-            payload,
-            milliseconds(self.chord_expires),
-            receipt,
-        ]
-        async with self._command("counting a chord part"):
-            counted = await self._count_script(keys=keys, args=args)
+        key = self.chord_key(group_id, "")
+        keys = (key + "s", key + "p", key + "n", key + "r")
+        args = (part_id, payload, milliseconds(self.chord_expires), receipt)
+        try:
+            counted = await self._commands.chord_count(keys, args)
+        except self._errors.catches as exc:
+            raise self._failed(exc, "counting a chord part") from exc
         if counted is None:
             return None
         return PartCount(int(counted[0]), int(counted[1]), bool(counted[2]))
 
     async def _chord_parts(self, group_id: str) -> list[bytes]:
-        async with self._command("reading chord parts") as client:
-            values = await client.hvals(self.chord_key(group_id, "p"))
-        return [v for v in map(_bytes, values) if v is not None]
+        try:
+            return await self._commands.hvals(self.chord_key(group_id, "p"))
+        except self._errors.catches as exc:
+            raise self._failed(exc, "reading chord parts") from exc

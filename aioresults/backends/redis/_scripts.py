@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["COUNT_PART", "WRITE", "WRITE_SHARDED"]
+__all__ = ["COUNT_PART", "WRITE", "WRITE_IF", "WRITE_IF_SHARDED", "WRITE_SHARDED"]
 
 # KEYS: the record; ARGV: payload, TTL in ms (0: none).
 # Returns 1 written (or already there: a retry of this very write), 0 refused
@@ -39,6 +39,29 @@ return 1
 """
 #: On a cluster the write publishes on the key's own shard.
 WRITE_SHARDED = WRITE.replace("'PUBLISH'", "'SPUBLISH'")
+
+# KEYS: the record; ARGV: payload, TTL in ms (0: none), SHA1 of the record the
+# caller read and judged ('' for none). The guard for payloads the script above
+# cannot read: Python decides on what it read, and this writes only if that is
+# still what is stored (else 2: read and decide again). 1 written (or exactly
+# this payload is there already).
+WRITE_IF = """
+local current = redis.call('GET', KEYS[1])
+if current then
+  if current == ARGV[1] then return 1 end
+  if redis.sha1hex(current) ~= ARGV[3] then return 2 end
+elseif ARGV[3] ~= '' then
+  return 2
+end
+if tonumber(ARGV[2]) > 0 then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+else
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+redis.call('PUBLISH', KEYS[1], ARGV[1])
+return 1
+"""
+WRITE_IF_SHARDED = WRITE_IF.replace("'PUBLISH'", "'SPUBLISH'")
 
 # KEYS: size, parts, counter, receipts; ARGV: part, payload, TTL in ms, receipt.
 # Returns {count, size, own} or nil (no chord). A part counts once; its receipt

@@ -1,9 +1,12 @@
 """The Redis backend's pub/sub feed: one connection, one session at a time.
 
 Only the session writes to the connection (waiters queue requests and never
-block on it): SUBSCRIBE batches followed by ``PING <token>``, whose reply
-confirms everything before it; queued UNSUBSCRIBEs, skipping ids watched
-again since. A new session subscribes every watched id, and once that is
+block on it): what is queued in one event-loop iteration leaves in one write,
+SUBSCRIBE batches followed by ``PING <token>``, whose reply confirms
+everything before it; queued UNSUBSCRIBEs, skipping ids watched again since.
+Replies are parsed by hiredis in the protocol's ``data_received``, and a
+message is handed to the hub right there: its waiters' futures are resolved
+with no task in between. A new session subscribes every watched id, and once that is
 confirmed it reports :meth:`~aioresults.backends._feeds.Feed.resynced`, after
 which the hub re-reads them all (a result stored while away is not lost). Its
 reads never time out (idle waits of any length are fine); a PING every
@@ -15,18 +18,20 @@ inside :class:`~._cluster.ClusterFeed`.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import hiredis
 from redis import exceptions as redis_errors
-from redis.asyncio.connection import AbstractConnection
 from redis.crc import key_slot
 
 from ..._exceptions import BackendError
 from .._feeds import Feed
+from ._resp import Connection, pack, reply_error
 
 if TYPE_CHECKING:
     from . import RedisBackend
@@ -82,17 +87,25 @@ class Subscriber(Feed):
         self._closed = False
         self._queued: list[_Request] = []
         self._sent: deque[_Request] = deque()
-        #: The ids watched through this connection (subscribed, or about to be).
-        self.watched: set[str] = set()
+        # On a cluster, the ids watched through this master's connection; on a
+        # single server that is every id the hub watches (no copy of its own).
+        self._own: set[str] | None = set() if node is not None else None
         self._drop: set[str] = set()
         self._resync = False
         self._resynced: list[str] = []
         self._tokens = 0
         self._answered = 0
-        self._wake = anyio.Event()
+        self._later: list[Callable[[], None]] = []
+        # Channels are task keys: this prefix, then the id.
+        self._prefix = (backend.global_keyprefix + backend.task_keyprefix).encode()
 
     def __repr__(self) -> str:
         return f"pub/sub of {self._backend!r}" + (f" on {self.node}" if self.node else "")
+
+    @property
+    def watched(self) -> Collection[str]:
+        """The ids watched through this connection (subscribed, or about to be)."""
+        return self.hub.watched if self._own is None else self._own
 
     def resync_ids(self) -> Sequence[str]:
         return self._resynced
@@ -103,10 +116,11 @@ class Subscriber(Feed):
         """Queue ``ids`` for subscription; the request is done once confirmed."""
         if self._closed:
             raise BackendError(f"{self._backend!r} is closed")
-        self.watched.update(ids)
+        if self._own is not None:
+            self._own.update(ids)
         request = _Request(ids)
         self._queued.append(request)
-        self._wake.set()
+        self._kick()
         return request
 
     async def watch(self, task_ids: Sequence[str]) -> None:
@@ -123,15 +137,17 @@ class Subscriber(Feed):
 
     def unwatch(self, task_ids: Sequence[str]) -> None:
         """End the watch of ``ids`` (their channels are unsubscribed unless watched again)."""
-        self.watched.difference_update(task_ids)
+        if self._own is not None:
+            self._own.difference_update(task_ids)
         self._drop.update(task_ids)
-        self._wake.set()
+        self._kick()
 
     def release(self, ids: set[str]) -> None:
         """Forget ``ids`` whose slot moved to another master (which dropped their
         channels itself), and answer their unconfirmed requests with :class:`Rerouted`."""
         if ids:
-            self.watched -= ids
+            if self._own is not None:
+                self._own -= ids
             self._answer_early(lambda r: not ids.isdisjoint(r.ids), Rerouted())
 
     def close(self, error: Exception | None = None) -> None:
@@ -150,20 +166,26 @@ class Subscriber(Feed):
     # ------------------------------------------------------------ a session
 
     async def session(self) -> None:
-        connection: Any = self._backend._pubsub_connection(self.node)  # untyped
+        connection: Connection | None = None
         try:
-            # Bounded: with no read timeout, a hung handshake would block for ever.
+            # Bounded: a hung handshake would block for ever.
             with anyio.fail_after(CONNECT_TIMEOUT):
-                await connection.connect()
+                connection = await self._backend._pubsub_connect(self.node)
+            connection.receiver = self._received
+            self._connection = connection
             self._resync = True
-            self._wake.set()
-            try:
-                async with anyio.create_task_group() as tasks:
-                    tasks.start_soon(self._write, connection)
-                    tasks.start_soon(self._keep_alive)
-                    await self._read(connection)
-            except BaseExceptionGroup as group:
-                raise _first(group) from None
+            self._kick()
+            self._schedule_ping(connection)
+            while True:
+                # Until the connection is lost (that raises why), run what a reply
+                # asked for that needs a task (a cluster's slot map re-read).
+                self._poke = poke = asyncio.get_running_loop().create_future()
+                await asyncio.wait((connection.lost, poke), return_when=asyncio.FIRST_COMPLETED)
+                if connection.lost.done():
+                    connection.lost.result()
+                later, self._later = self._later, []
+                for call in later:
+                    call()
         except Exception as exc:
             if isinstance(exc, (redis_errors.AuthenticationError, redis_errors.ResponseError)):
                 self._answer_early(
@@ -174,33 +196,53 @@ class Subscriber(Feed):
                 self._cluster.rehome_soon()
             raise
         finally:
-            with anyio.CancelScope(shield=True):
-                await connection.disconnect(nowait=True)
+            self._connection = None
+            self._later = []
+            if self._ping_timer is not None:
+                self._ping_timer.cancel()
+                self._ping_timer = None
+            if connection is not None:
+                connection.close()
 
-    async def _write(self, connection: AbstractConnection) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake = anyio.Event()
-            commands = self._pack(connection)
+    _connection: Connection | None = None
+    _poke: asyncio.Future[None] | None = None
+    _flushing = False
+    _ping_timer: asyncio.TimerHandle | None = None
+
+    def _kick(self) -> None:
+        """Send what is queued, once this event-loop iteration is over."""
+        if self._connection is not None and not self._flushing:
+            self._flushing = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flushing = False
+        connection = self._connection
+        if connection is not None and not connection.closed:
+            commands = self._pack()
             if commands:
-                await connection.send_packed_command(commands, check_health=False)
+                connection.write(b"".join(commands))
 
-    def _pack(self, connection: AbstractConnection) -> list[bytes]:
-        """The commands for everything queued; no await, so it sees one state."""
+    def _pack(self) -> list[bytes]:
+        """The commands for everything queued; one state, no await."""
         commands: list[bytes] = []
-        task_key = self._backend.task_key
+        prefix = self._backend.global_keyprefix + self._backend.task_keyprefix
 
         def batches(command: str, ids: list[str]) -> None:
-            channels = [task_key(i) for i in ids]
-            groups: list[list[str]] = [channels]
-            if self.node is not None:  # a sharded command takes the channels of one slot
-                by_slot: dict[int, list[str]] = {}
-                for channel in channels:
-                    by_slot.setdefault(key_slot(channel.encode()), []).append(channel)
-                groups = list(by_slot.values())
-            for group in groups:
+            if self.node is None:
+                # Channel names made a batch at a time: a large resync allocates little.
+                for start in range(0, len(ids), BATCH):
+                    chunk = ids[start : start + BATCH]
+                    commands.append(pack((command, *[prefix + i for i in chunk])))
+                return
+            # A sharded command takes the channels of one slot.
+            by_slot: dict[int, list[str]] = {}
+            for task_id in ids:
+                channel = prefix + task_id
+                by_slot.setdefault(key_slot(channel.encode()), []).append(channel)
+            for group in by_slot.values():
                 for start in range(0, len(group), BATCH):
-                    commands.extend(connection.pack_command(command, *group[start : start + BATCH]))
+                    commands.append(pack((command, *group[start : start + BATCH])))
 
         resync, self._resync = self._resync, False
         if resync:
@@ -218,7 +260,7 @@ class Subscriber(Feed):
         batches(self._subscribe, ids)
         if resync or requests:
             self._tokens += 1
-            commands.extend(connection.pack_command("PING", str(self._tokens)))
+            commands.append(pack(("PING", str(self._tokens))))
             if resync:
                 self._resync_token = self._tokens
             for request in requests:
@@ -228,42 +270,43 @@ class Subscriber(Feed):
 
     _resync_token = 0
 
-    async def _read(self, connection: AbstractConnection) -> None:
-        prefix = self._backend.global_keyprefix + self._backend.task_keyprefix
-        hub = self.hub
-        while True:
-            try:
-                response = await connection.read_response()
-            except redis_errors.AskError as exc:
+    def _received(self, reply: Any) -> None:
+        """One reply, as hiredis parsed it in ``data_received``."""
+        if type(reply) is list:
+            if len(reply) == 3:
+                kind, channel = reply[0], reply[1]
+                if kind == b"message" or kind == b"smessage":
+                    if channel.startswith(self._prefix):
+                        task_id = channel[len(self._prefix) :].decode("utf-8", "replace")
+                        self.hub.deliver(task_id, reply[2])
+                elif kind == b"sunsubscribe" and channel.startswith(self._prefix):
+                    # Not ours (ours leave only unwanted ids): the master gave the
+                    # slot away and dropped the channel. Find its new master.
+                    task_id = channel[len(self._prefix) :].decode("utf-8", "replace")
+                    if task_id in self.watched and self._cluster is not None:
+                        self._soon(self._cluster.rehome_soon, [task_id])
+            elif len(reply) == 2 and reply[0] == b"pong":
+                self._answered_up_to(reply[1])
+        elif type(reply) is bytes:  # PING's reply when nothing is subscribed
+            self._answered_up_to(reply)
+        elif type(reply) is hiredis.ReplyError:
+            error = reply_error(reply)
+            if self._cluster is None:
+                raise error
+            if isinstance(error, redis_errors.AskError):
                 # A cluster's reply (MOVED) to an SSUBSCRIBE for a slot this master
                 # no longer serves: subscribe that slot's channels where it lives now.
-                if self._cluster is None:
-                    raise
-                self._cluster.rehome_soon(slots=[exc.slot_id])
-                continue
-            except (redis_errors.TryAgainError, redis_errors.ClusterDownError):
-                if self._cluster is None:
-                    raise
-                self._cluster.rehome_soon(ids=list(self.watched))
-                continue
-            if isinstance(response, list) and len(response) == 3:
-                kind, channel = response[0], response[1]
-                if kind in (b"message", b"smessage") or kind == b"sunsubscribe":
-                    key = channel.decode("utf-8", "replace") if channel else ""
-                    if not key.startswith(prefix):
-                        continue
-                    task_id = key[len(prefix) :]
-                    if kind == b"sunsubscribe":
-                        # Not ours (ours leave only unwanted ids): the master gave the
-                        # slot away and dropped the channel. Find its new master.
-                        if task_id in self.watched and self._cluster is not None:
-                            self._cluster.rehome_soon(ids=[task_id])
-                    else:
-                        hub.deliver(task_id, response[2])
-            elif isinstance(response, list) and len(response) == 2 and response[0] == b"pong":
-                self._answered_up_to(response[1])
-            elif isinstance(response, bytes):  # PING's reply when nothing is subscribed
-                self._answered_up_to(response)
+                self._soon(self._cluster.rehome_soon, (), [error.slot_id])
+            elif isinstance(error, (redis_errors.TryAgainError, redis_errors.ClusterDownError)):
+                self._soon(self._cluster.rehome_soon, list(self.watched))
+            else:
+                raise error
+
+    def _soon(self, call: Callable[..., None], *args: Any) -> None:
+        """Have the session's task run ``call(*args)`` (anyio wants a task)."""
+        self._later.append(lambda: call(*args))
+        if self._poke is not None and not self._poke.done():
+            self._poke.set_result(None)
 
     def _answered_up_to(self, token: bytes) -> None:
         if not token.isdigit():
@@ -274,22 +317,26 @@ class Subscriber(Feed):
         if self._resync_token and self._answered >= self._resync_token:
             self._resync_token = 0
             self.resynced()
+            self._resynced = []  # the hub took them
 
-    async def _keep_alive(self) -> None:
-        # A silent peer (host gone, no RST) would leave the read blocked for ever.
-        while True:
-            await anyio.sleep(self._interval)
-            request = _Request(())
-            self._queued.append(request)
-            self._wake.set()
-            timeout = max(1.0, self._interval)
-            with anyio.move_on_after(timeout):
-                await request.done.wait()
-            if not request.done.is_set():
-                raise redis_errors.ConnectionError(f"no reply to PING within {timeout:g} s")
+    # ------------------------------------------------------------ keep-alive
 
+    def _schedule_ping(self, connection: Connection) -> None:
+        # A silent peer (host gone, no RST) would leave the session waiting for ever.
+        loop = asyncio.get_running_loop()
+        self._ping_timer = loop.call_later(self._interval, self._ping, connection)
 
-def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The first error in a task group's (possibly nested) exception group."""
-    first = group.exceptions[0]
-    return _first(first) if isinstance(first, BaseExceptionGroup) else first
+    def _ping(self, connection: Connection) -> None:
+        request = _Request(())
+        self._queued.append(request)
+        self._kick()
+        timeout = max(1.0, self._interval)
+        loop = asyncio.get_running_loop()
+        self._ping_timer = loop.call_later(timeout, self._pinged, connection, request, timeout)
+
+    def _pinged(self, connection: Connection, request: _Request, timeout: float) -> None:
+        if request.done.is_set():
+            self._schedule_ping(connection)
+        else:
+            self._ping_timer = None
+            connection.abort(redis_errors.ConnectionError(f"no reply to PING within {timeout:g} s"))
