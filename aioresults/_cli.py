@@ -10,10 +10,19 @@
     aioresults [--url URL] [--json] cleanup
 
 The store is ``--url``, else ``AIORESULTS_URL``, else the library default
-(``sqlite:///aioresults.db``). Exit codes: 0 success, 1 a task failed
-(FAILURE or REVOKED), 2 usage error, 3 timeout, 4 the store is unreachable or
-failed. With ``rich`` installed (``pip install 'aioresults[cli]'``) and a
-terminal, ``group`` draws a live progress bar.
+(``sqlite:///aioresults.db``). The command never creates a store: it opens it
+with ``create=False``, so a mistyped path or an empty directory is an error
+(exit 2, "no store at ...") instead of a new, empty store that answers PENDING.
+
+Exit codes: 0 success, 1 a task failed (FAILURE or REVOKED), 2 usage error or
+no store there, 3 timeout, 4 the store is unreachable or failed. A timeout (3)
+means the store answered and the result was not ready in time: ``wait``,
+``watch`` and ``group`` read the store first (within ``--timeout``), and read it
+again when the timeout runs out, so a store that cannot be reached is 4 even
+though the wait itself only reconnects until its deadline.
+
+With ``rich`` installed (``pip install 'aioresults[cli]'``) and a terminal,
+``group`` draws a live progress bar.
 """
 
 from __future__ import annotations
@@ -23,9 +32,9 @@ import asyncio
 import json
 import sys
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from contextlib import aclosing
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
 from . import __version__, states
 from ._exceptions import (
@@ -36,12 +45,15 @@ from ._exceptions import (
     MissingDependency,
     ResultTimeout,
     SerializationError,
+    StoreNotFound,
 )
 from ._group import GroupResult
 from ._meta import ResultMeta
 from ._registry import DEFAULT_URL, connect
 from ._result import AsyncResult
 from .backends.base import BaseBackend
+
+T = TypeVar("T")
 
 __all__ = [
     "EXIT_FAILED",
@@ -56,16 +68,71 @@ __all__ = [
 EXIT_OK = 0
 #: A task (or a member of a group) is FAILURE or REVOKED.
 EXIT_FAILED = 1
-#: Bad arguments, URL, option or id; or no saved group with that id.
+#: Bad arguments, URL, option or id; no store at that URL; or no saved group with that id.
 EXIT_USAGE = 2
 #: ``--timeout`` ran out before the result was ready.
 EXIT_TIMEOUT = 3
 #: The store cannot be reached, failed, or holds a payload that cannot be read.
 EXIT_UNAVAILABLE = 4
 
+#: How long the read at the end of a timed-out wait may take: a store that does
+#: not answer by then is reported unreachable (4) rather than not ready (3).
+_CONFIRM_SECONDS = 2.0
+
 
 class _UsageError(Exception):
     """A request that names nothing (e.g. a group that was never saved)."""
+
+
+class _Unreachable(Exception):
+    """The store did not answer in time (a read was still waiting on it)."""
+
+
+class _Clock:
+    """The ``--timeout`` of a command, counted from its start."""
+
+    def __init__(self, timeout: float | None) -> None:
+        self.timeout = timeout
+        loop = asyncio.get_running_loop()
+        self._deadline = None if timeout is None else loop.time() + timeout
+
+    def remaining(self) -> float | None:
+        if self._deadline is None:
+            return None
+        return max(0.0, self._deadline - asyncio.get_running_loop().time())
+
+    async def reach(self, backend: BaseBackend, read: Awaitable[T]) -> T:
+        """The first read of a wait: the store must answer before the deadline.
+
+        A store that cannot be reached raises its BackendUnavailable (exit 4)
+        when the driver gives up first, or :class:`_Unreachable` at the deadline.
+        """
+        remaining = self.remaining()
+        if remaining is None or self.timeout == 0:
+            return await read  # no deadline, or "check once": the driver's own limits
+        try:
+            async with asyncio.timeout(remaining):
+                return await read
+        except TimeoutError:
+            raise _Unreachable(
+                f"cannot reach {backend!r}: no answer within {self.timeout:g} s"
+            ) from None
+
+    async def confirm(self, backend: BaseBackend, task_ids: Sequence[str]) -> None:
+        """After a wait timed out: make sure the store still answers.
+
+        The hub keeps reconnecting to a lost store until the deadline, so a
+        timeout alone does not say whether the result is ready; the store is
+        read once more, and one that does not answer is unreachable (exit 4).
+        """
+        try:
+            async with asyncio.timeout(_CONFIRM_SECONDS):
+                await backend.get_many(list(task_ids))
+        except TimeoutError:
+            raise _Unreachable(
+                f"cannot reach {backend!r}: no answer when the timeout of "
+                f"{self.timeout:g} s ran out"
+            ) from None
 
 
 # ------------------------------------------------------------------ output
@@ -125,35 +192,56 @@ async def _get(backend: BaseBackend, args: argparse.Namespace, out: TextIO) -> i
 
 
 async def _wait(backend: BaseBackend, args: argparse.Namespace, out: TextIO) -> int:
-    return _report(await AsyncResult(args.id, backend).wait(timeout=args.timeout), args, out)
+    clock = _Clock(args.timeout)
+    meta = await clock.reach(backend, backend.get_meta(args.id))
+    if not meta.ready:
+        try:
+            meta = await AsyncResult(args.id, backend).wait_ready(timeout=clock.remaining())
+        except ResultTimeout:
+            await clock.confirm(backend, [args.id])
+            raise ResultTimeout([args.id], args.timeout) from None
+    return _report(meta, args, out)
 
 
 async def _watch(backend: BaseBackend, args: argparse.Namespace, out: TextIO) -> int:
+    clock = _Clock(args.timeout)
+    await clock.reach(backend, backend.get_meta(args.id))
     last: ResultMeta | None = None
-    async with aclosing(AsyncResult(args.id, backend).watch(timeout=args.timeout)) as updates:
-        async for meta in updates:
-            last = meta
-            if args.json:
-                _emit_json(_jsonable(meta), out)
-            else:
-                out.write(f"{meta.status:<9}{_show_value(meta.result)}\n")
-                out.flush()
+    try:
+        async with aclosing(
+            AsyncResult(args.id, backend).watch(timeout=clock.remaining())
+        ) as updates:
+            async for meta in updates:
+                last = meta
+                if args.json:
+                    _emit_json(_jsonable(meta), out)
+                else:
+                    out.write(f"{meta.status:<9}{_show_value(meta.result)}\n")
+                    out.flush()
+    except ResultTimeout:
+        await clock.confirm(backend, [args.id])
+        raise ResultTimeout([args.id], args.timeout) from None
     assert last is not None  # watch() always yields the record it read first
     return _exit_for(last)
 
 
 async def _group(backend: BaseBackend, args: argparse.Namespace, out: TextIO) -> int:
-    group = await GroupResult.restore(args.id, backend)
+    clock = _Clock(args.timeout)
+    group = await clock.reach(backend, GroupResult.restore(args.id, backend))
     if group is None:
         raise _UsageError(f"no saved group {args.id!r} in {backend!r}")
     total = len(group)
     by_id: dict[str, ResultMeta] = {}
     with _ProgressDisplay(f"group {args.id}", total, out, quiet=args.json) as display:
-        async with aclosing(group.as_completed(timeout=args.timeout)) as finished:
-            async for result in finished:
-                meta = await result.meta()  # cached: as_completed hands over ready records
-                by_id[meta.task_id] = meta
-                display.update(len(by_id))
+        try:
+            async with aclosing(group.as_completed(timeout=clock.remaining())) as finished:
+                async for result in finished:
+                    meta = await result.meta()  # cached: as_completed hands over ready records
+                    by_id[meta.task_id] = meta
+                    display.update(len(by_id))
+        except ResultTimeout as exc:
+            await clock.confirm(backend, exc.task_ids)
+            raise ResultTimeout(exc.task_ids, args.timeout) from None
     counts = Counter(m.status for m in by_id.values())
     failed = [m.task_id for m in by_id.values() if m.status in states.PROPAGATE_STATES]
     if args.json:
@@ -285,8 +373,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="aioresults",
         description="Read, wait for, watch and delete task results.",
-        epilog="exit codes: 0 success, 1 a task failed (FAILURE/REVOKED), 2 usage error, "
-        "3 timeout, 4 store unreachable or failed",
+        epilog="exit codes: 0 success, 1 a task failed (FAILURE/REVOKED), 2 usage error "
+        "or no store at the URL (none is created), 3 timeout, 4 store unreachable or failed",
     )
     _add_common(parser, url=None, json=False)
     parser.add_argument("--version", action="version", version=f"aioresults {__version__}")
@@ -323,7 +411,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 async def _run(args: argparse.Namespace, out: TextIO) -> int:
-    async with connect(args.url) as backend:
+    # create=False: looking at results never makes a store (a file, a directory,
+    # tables, a container); one that is not there raises StoreNotFound.
+    async with connect(args.url, create=False) as backend:
         return await _COMMANDS[args.command](backend, args, out)
 
 
@@ -344,7 +434,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ResultTimeout as exc:
         _error(str(exc))
         return EXIT_TIMEOUT
-    except (_UsageError, ConfigurationError, InvalidTaskId, MissingDependency) as exc:
+    except (_UsageError, StoreNotFound) as exc:
+        _error(str(exc))
+        return EXIT_USAGE
+    except _Unreachable as exc:
+        _error(str(exc))
+        return EXIT_UNAVAILABLE
+    except (ConfigurationError, InvalidTaskId, MissingDependency) as exc:
         _error(str(exc))
         return EXIT_USAGE
     except (BackendError, SerializationError, OSError) as exc:

@@ -21,6 +21,7 @@ import pytest
 
 import aioresults as ar
 from aioresults import states
+from tests.servers import RedisServer
 
 CLI = [sys.executable, "-m", "aioresults._cli"]
 
@@ -135,18 +136,60 @@ async def test_get_json_of_a_failure_exits_1(url: str, store: ar.BaseBackend) ->
     assert "traceback:\n  Traceback: x" in text.stdout
 
 
-async def test_get_pending_uses_aioresults_url(url: str) -> None:
-    done = await run_cli("--json", "get", "never-stored", env={"AIORESULTS_URL": url})
+async def test_get_pending_uses_aioresults_url(url: str, store: ar.BaseBackend) -> None:
+    task_id = new_id()
+    await store.mark_as_done(task_id, "from the env's store")
+    env = {"AIORESULTS_URL": url}
+    done = await run_cli("--json", "get", task_id, env=env)
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)["status"] == "PENDING"
-    assert await anyio.Path(url.removeprefix("file://")).is_dir()  # it used the env's store
+    assert json.loads(done.stdout)["result"] == "from the env's store"
+    pending = await run_cli("--json", "get", "never-stored", env=env)
+    assert pending.returncode == 0, pending.stderr
+    assert json.loads(pending.stdout)["status"] == "PENDING"
 
 
 async def test_default_url_is_the_embedded_sqlite(tmp_path: Path) -> None:
+    # Looking at results in a directory without a store creates none.
+    done = await run_cli("--json", "get", "x", cwd=tmp_path)
+    assert done.returncode == 2
+    assert f"no store at {tmp_path / 'aioresults.db'}" in done.stderr
+    assert done.stdout == ""
+    assert [entry async for entry in anyio.Path(tmp_path).iterdir()] == []
+    # Once a program has stored results there, the default finds them.
+    async with ar.connect(f"sqlite:///{tmp_path / 'aioresults.db'}") as backend:
+        await backend.mark_as_done("x", 42)
     done = await run_cli("--json", "get", "x", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)["status"] == "PENDING"
-    assert (tmp_path / "aioresults.db").exists()
+    assert json.loads(done.stdout)["result"] == 42
+
+
+READ_COMMANDS = [
+    ["get", "x"],
+    ["wait", "x", "--timeout", "5"],
+    ["watch", "x", "--timeout", "5"],
+    ["group", "g", "--timeout", "5"],
+    ["forget", "x"],
+    ["forget", "--group", "g"],
+    ["cleanup"],
+]
+
+
+@pytest.mark.parametrize("command", READ_COMMANDS, ids=lambda args: "-".join(args[:2]))
+@pytest.mark.parametrize("kind", ["file", "sqlite", "sqlite-in-missing-dir"])
+async def test_a_missing_store_is_exit_2_and_never_created(
+    tmp_path: Path, kind: str, command: list[str]
+) -> None:
+    where = {
+        "file": tmp_path / "no" / "such" / "dir",
+        "sqlite": tmp_path / "results.db",
+        "sqlite-in-missing-dir": tmp_path / "no" / "such" / "results.db",
+    }[kind]
+    url = f"file://{where}" if kind == "file" else f"sqlite:///{where}"
+    done = await run_cli("--url", url, *command)
+    assert done.returncode == 2, done.stderr
+    assert f"no store at {where}" in done.stderr
+    assert done.stdout == ""
+    assert [entry async for entry in anyio.Path(tmp_path).iterdir()] == []  # no file, no directory
 
 
 async def test_revoked_exits_1(url: str, store: ar.BaseBackend) -> None:
@@ -167,11 +210,12 @@ async def test_wait_returns_when_the_result_arrives(url: str, store: ar.BaseBack
     await store.mark_as_done(task_id, [1, 2, 3])
     done = await running.finish()
     assert done.returncode == 0, done.stderr
+    assert done.stderr == ""  # no warning (it used the deprecated wait() once)
     data = json.loads(done.stdout)
     assert (data["status"], data["result"]) == ("SUCCESS", [1, 2, 3])
 
 
-async def test_wait_timeout_exits_3(url: str) -> None:
+async def test_wait_timeout_exits_3(url: str, store: ar.BaseBackend) -> None:
     done = await run_cli("--url", url, "wait", new_id(), "--timeout", "0.3")
     assert done.returncode == 3
     assert "not ready after 0.3 s" in done.stderr
@@ -259,7 +303,7 @@ async def test_group_timeout_exits_3(url: str, store: ar.BaseBackend) -> None:
     assert ids[1] in done.stderr
 
 
-async def test_unknown_group_exits_2(url: str) -> None:
+async def test_unknown_group_exits_2(url: str, store: ar.BaseBackend) -> None:
     done = await run_cli("--url", url, "group", "no-such-group")
     assert done.returncode == 2
     assert "no saved group 'no-such-group'" in done.stderr
@@ -380,15 +424,44 @@ async def test_help_and_version_exit_0() -> None:
     assert (version.returncode, version.stdout) == (0, f"aioresults {ar.__version__}\n")
 
 
-async def test_unreachable_store_exits_4() -> None:
+def closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    # Nobody listens on the port once the socket is closed.
-    done = await run_cli("--url", f"redis://127.0.0.1:{port}/0", "get", "x")
+        port: int = sock.getsockname()[1]
+    return port  # nobody listens on it once the socket is closed
+
+
+async def test_unreachable_store_exits_4() -> None:
+    done = await run_cli("--url", f"redis://127.0.0.1:{closed_port()}/0", "get", "x")
     assert done.returncode == 4
     assert "cannot reach" in done.stderr
     assert done.stdout == ""
+
+
+@pytest.mark.parametrize("command", ["wait", "watch", "group"])
+async def test_unreachable_store_is_exit_4_even_when_the_timeout_runs_out(command: str) -> None:
+    # The wait reconnects until its deadline: that the store never answered,
+    # not that the result was not ready, is what the command reports.
+    url = f"redis://127.0.0.1:{closed_port()}/0"
+    started = time.monotonic()
+    done = await run_cli("--url", url, command, "x", "--timeout", "2")
+    assert done.returncode == 4, done.stderr
+    assert "cannot reach" in done.stderr
+    assert "not ready" not in done.stderr
+    assert done.stdout == ""
+    assert time.monotonic() - started < 20
+
+
+async def test_a_store_lost_during_a_wait_is_exit_4_at_the_deadline() -> None:
+    with RedisServer() as redis:
+        async with ar.connect(redis.url) as store:
+            await store.mark_as_done("other", 1)  # the store is there and answers
+            running = await start_cli("--url", redis.url, "wait", "x", "--timeout", "3")
+            await wait_until_watched(store, running, "x")
+        redis.kill()
+        done = await running.finish()
+    assert done.returncode == 4, done.stderr
+    assert "cannot reach" in done.stderr
 
 
 async def test_console_script(url: str, store: ar.BaseBackend) -> None:
