@@ -125,7 +125,7 @@ async def wake_latency(server: Azurite, container: str) -> None:
             for _ in range(5):
                 task_id = new_id()
                 waiter = asyncio.create_task(ar.AsyncResult(task_id, reader).get())
-                while not (task_id in reader.wait_stats().watched_ids):
+                while task_id not in reader.wait_stats().watched_ids:
                     await asyncio.sleep(0.001)
                 await asyncio.sleep(quiet)
                 await writer.store_result(task_id, 1, states.SUCCESS)

@@ -22,7 +22,11 @@ from aioresults import BaseBackend
 _ORDER = ["memory", "file", "sqlite", "redis", "redis_cluster", "azure"]
 #: Every backend kind the contract suite runs on: one per plugin module.
 BACKEND_KINDS = sorted(
-    (path.stem for path in (Path(__file__).parent / "plugins").glob("*.py") if path.stem != "__init__"),
+    (
+        path.stem
+        for path in (Path(__file__).parent / "plugins").glob("*.py")
+        if path.stem != "__init__"
+    ),
     key=lambda kind: (_ORDER.index(kind) if kind in _ORDER else len(_ORDER), kind),
 )
 

@@ -3,13 +3,26 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 import aioresults as ar
 from aioresults.backends.base import redact_url
+from aioresults import _registry
 from aioresults.backends.memory import MemoryBackend
+
+
+@pytest.fixture(autouse=True)
+def scheme_table() -> Iterator[None]:
+    """Schemes a test registers are gone after it (other tests list every scheme)."""
+    schemes, loaded = dict(_registry._SCHEMES), dict(_registry._loaded)
+    yield
+    _registry._SCHEMES.clear()
+    _registry._SCHEMES.update(schemes)
+    _registry._loaded.clear()
+    _registry._loaded.update(loaded)
 
 
 async def test_connect_memory_and_env(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -229,7 +229,9 @@ async def test_unchanged_failure_is_not_a_change(backend: MemoryBackend) -> None
 
 
 @pytest.mark.parametrize("timeout", [float("nan"), float("inf"), -1, -0.5, True, "5"])
-async def test_timeout_must_be_finite_and_not_negative(backend: MemoryBackend, timeout: Any) -> None:
+async def test_timeout_must_be_finite_and_not_negative(
+    backend: MemoryBackend, timeout: Any
+) -> None:
     result: ar.AsyncResult[Any] = ar.AsyncResult("t", backend)
     for wait in (
         lambda: result.get(timeout=timeout),

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import anyio.to_thread
 import pytest
 
@@ -38,7 +39,7 @@ async def opening_error(url: str, **options: Any) -> tuple[type[BaseException], 
         ran = []
         async with anyio.create_task_group() as group:
             group.start_soon(lambda: anyio.sleep(0.01))
-            group.start_soon(lambda: ran.append(True) or anyio.sleep(0))  # type: ignore[func-returns-value]
+            group.start_soon(lambda: ran.append(True) or anyio.lowlevel.checkpoint())  # type: ignore[func-returns-value]
         return type(caught), str(caught), ran == [True]
 
     result: tuple[type[BaseException], str, bool] = await run_trio(main)

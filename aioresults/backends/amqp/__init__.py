@@ -67,7 +67,7 @@ try:
     from pamqp.encode import field_table
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise MissingDependency(
-        f"the rpc:// backend needs aio-pika ({exc}): pip install 'aioresults[amqp]'"
+        f"the rpc:// backend needs aiormq ({exc}): pip install 'aioresults[amqp]'"
     ) from exc
 
 from ._buffer import ReplyBuffer
