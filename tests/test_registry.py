@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 import aioresults as ar
-from aioresults.backends.base import redact_url
 from aioresults import _registry
+from aioresults.backends.base import redact_url
 from aioresults.backends.memory import MemoryBackend
 
 

@@ -300,6 +300,31 @@ async def test_reads_allocate_by_file_size_not_by_the_limit(
     assert (await backend.get_meta("big")).result == "x" * 200
 
 
+async def test_a_cancelled_store_waits_for_its_file_operation(
+    make_file_backend: BackendFactory,
+) -> None:
+    """A store cancelled while its write runs in a worker thread (here: waiting
+    for the directory's lock, held as another writer would) returns only once
+    the write is done: no file operation outlives the call that asked for it."""
+    import fcntl
+
+    backend = await make(make_file_backend)
+    await backend.mark_as_done("warm", 1)
+    lock = os.open(os.path.join(backend.path, ".aioresults.lock"), os.O_RDONLY)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        store = asyncio.create_task(backend.mark_as_done("t", "stored"))
+        await asyncio.sleep(0.1)
+        store.cancel()
+        await asyncio.sleep(0.2)
+        assert not store.done()
+    finally:
+        os.close(lock)  # releases the lock
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(store, 10)
+    assert (await backend.get_meta("t")).result == "stored"
+
+
 # ------------------------------------------------------------------ atomic writes
 
 
@@ -526,6 +551,76 @@ async def test_store_from_another_process_wakes_a_waiter(
         assert stats.mode == "inotify" and stats.polls == 0
     else:
         assert stats.mode == "poll" and stats.polls > 0
+
+
+async def _waiting_for(backend: FilesystemBackend, task_id: str) -> asyncio.Task[Any]:
+    """A get() of ``task_id`` that is registered and has done its first read."""
+    waiting = asyncio.create_task(ar.AsyncResult(task_id, backend).get(timeout=10))
+    with anyio.fail_after(10):
+        while not (backend.wait_stats().waiters == 1 and backend.wait_stats().unsettled == 0):
+            await asyncio.sleep(0.005)
+    return waiting
+
+
+async def test_a_record_written_meanwhile_comes_with_its_event(
+    make_file_backend: BackendFactory,
+) -> None:
+    """inotify reports a watched file: the feed reads it and hands it over itself,
+    with no re-read of the watched ids."""
+    backend = await make(make_file_backend, watch="notify")
+    await backend.mark_as_done("other", 1)
+    waiting = await _waiting_for(backend, "t")
+    temp = anyio.Path(backend.path, ".foreign.tmp")  # as another atomic writer would
+    await temp.write_bytes(json.dumps({"status": "SUCCESS", "result": 7, "task_id": "t"}).encode())
+    await temp.rename(anyio.Path(backend.path, "celery-task-meta-t"))
+    assert await asyncio.wait_for(waiting, 10) == 7
+    assert backend.wait_stats().refreshes == 0
+
+
+async def test_a_half_written_celery_record_is_not_handed_over(
+    make_file_backend: BackendFactory,
+) -> None:
+    """Celery truncates and then writes in place: the feed sees the file half
+    written, leaves it to the re-read, and the waiter gets the whole record."""
+    backend = await make(make_file_backend, watch="notify")
+    await backend.mark_as_done("other", 1)
+    waiting = await _waiting_for(backend, "t")
+    path = anyio.Path(backend.path, "celery-task-meta-t")
+    whole = json.dumps({"status": "SUCCESS", "result": 7, "task_id": "t"}).encode()
+    await path.write_bytes(whole[:10])
+    await asyncio.sleep(0.005)
+    await path.write_bytes(whole)
+    assert await asyncio.wait_for(waiting, 10) == 7
+
+
+def plant(directory: str, records: list[tuple[str, Any]]) -> None:
+    """Store records as another process's atomic writer would (blocking: called
+    from a test, it holds the event loop until every file is there)."""
+    for task_id, result in records:
+        temp = os.path.join(directory, f".planted-{task_id}")
+        with open(temp, "wb") as f:
+            f.write(
+                json.dumps({"status": "SUCCESS", "result": result, "task_id": task_id}).encode()
+            )
+        os.replace(temp, os.path.join(directory, f"celery-task-meta-{task_id}"))
+
+
+async def test_a_flood_of_changes_is_read_in_batches(make_file_backend: BackendFactory) -> None:
+    """Thousands of watched results stored at once: the feed reads a few itself
+    and leaves the rest to batched re-reads in a worker thread (it never holds
+    the event loop for long); every waiter gets its record."""
+    backend = await make(make_file_backend, watch="notify")
+    await backend.mark_as_done("other", 1)
+    ids = [new_id() for _ in range(300)]
+    gets = [asyncio.create_task(ar.AsyncResult(t, backend).get(timeout=30)) for t in ids]
+    with anyio.fail_after(10):
+        while not (
+            backend.wait_stats().waiters == len(ids) and backend.wait_stats().unsettled == 0
+        ):
+            await asyncio.sleep(0.005)
+    plant(backend.path, [(t, n) for n, t in enumerate(ids)])
+    assert await asyncio.wait_for(asyncio.gather(*gets), 30) == list(range(len(ids)))
+    assert backend.wait_stats().refreshes >= 1
 
 
 async def test_polling_wakes_its_own_writes_at_once(make_file_backend: BackendFactory) -> None:

@@ -277,6 +277,33 @@ async def test_each_caller_gets_its_own_outcome(make: BackendFactory) -> None:
     ]
 
 
+async def test_batch_meeting_stored_successes_decides_each_write(
+    make: BackendFactory, db_path: Path
+) -> None:
+    backend = await make(expires=60)
+    await backend.get_meta(new_id())
+    kept, celery_old, celery_new = new_id(), new_id(), new_id()
+    await backend.mark_as_done(kept, "kept")
+    two_days_ago = (dt.datetime.now(dt.UTC) - dt.timedelta(days=2)).strftime("%Y-%m-%d %H:%M:%S.%f")
+    just_now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+    with raw(db_path) as conn:  # Celery's rows expire by date_done + expires (60 s here)
+        conn.execute(
+            "INSERT INTO celery_taskmeta (task_id, status, result, date_done) VALUES "
+            "(?, 'SUCCESS', '\"old\"', ?), (?, 'SUCCESS', '\"new\"', ?)",
+            (celery_old, two_days_ago, celery_new, just_now),
+        )
+    fresh = [new_id() for _ in range(20)]
+    ids = [*fresh[:10], kept, celery_old, celery_new, *fresh[10:]]
+    written = await asyncio.gather(*(backend.mark_as_done(t, f"v-{t}") for t in ids))
+    expected = {t: True for t in fresh} | {kept: False, celery_old: True, celery_new: False}
+    assert written == [expected[t] for t in ids]
+    metas = {m.task_id: m.result for m in await backend.get_many(ids)}
+    assert metas == {t: f"v-{t}" for t in ids} | {kept: "kept", celery_new: "new"}
+    with raw(db_path) as conn:  # every stored record has its own expiry; the refused ones not
+        own = {r[0] for r in conn.execute("SELECT task_id FROM aioresults_meta")}
+    assert own >= {*fresh, kept, celery_old} and celery_new not in own
+
+
 async def test_close_finishes_queued_writes(make: BackendFactory) -> None:
     backend = await make()
     await backend.get_meta(new_id())
@@ -331,14 +358,18 @@ async def test_writer_stopped_mid_commit_fails_its_callers(
         with anyio.fail_after(10):
             while not backend._batch_running:  # its batch now waits for the lock
                 await asyncio.sleep(0.01)
-        # The task that commits the backend's batches of writes.
-        (writer,) = [
-            t for t in asyncio.all_tasks() if t.get_name() == f"sqlite writes of {backend!r}"
-        ]
-        writer.cancel()
+        # The writer is stopped: a close that will not wait any longer (a
+        # shutdown's own timeout cancels it).
+        closing = asyncio.create_task(backend.aclose())
+        await asyncio.sleep(0.05)
+        closing.cancel()
         with pytest.raises(ar.BackendError, match="closed while committing"):
             await asyncio.wait_for(write, 10)
         lock.execute("ROLLBACK")
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(closing, 10)
+    with pytest.raises(ar.BackendClosed):
+        await backend.mark_as_done(new_id(), "after close")
 
 
 async def test_close_leaves_no_thread_behind(make: BackendFactory) -> None:

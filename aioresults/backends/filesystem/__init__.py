@@ -16,10 +16,12 @@ Chord bookkeeping lives next to the group: ``celery-taskset-meta-<id>.s``
 
 Waits are pushed by inotify on Linux (``watch="auto"``, the default, or
 ``"notify"``): one watch on the directory wakes the waiters of the files that
-changed, whoever wrote them. Elsewhere, or with ``watch="poll"`` (for a
-directory shared over the network, whose remote writes inotify does not
-see), one shared poller re-reads the watched results with back-off. If the
-directory is removed, writes create it again and the watch follows.
+changed, whoever wrote them; the feed reads a small record that just changed
+at once, in its own task, and hands it to the waiters. Elsewhere, or with
+``watch="poll"`` (for a directory shared over the network, whose remote
+writes inotify does not see), one shared poller re-reads the watched results
+with back-off. If the directory is removed, writes create it again and the
+watch follows.
 
 Expiry is decided by the writer, as Redis' TTLs are: each file carries its
 deadline in an extended attribute (``user.aioresults.expires``). A file
@@ -28,7 +30,8 @@ attributes) expires when its modification time is older than ``expires``, as
 Celery's ``cleanup()`` decides. An expired record reads as missing;
 :meth:`~FilesystemBackend.cleanup` deletes expired files.
 
-Blocking file operations run in worker threads. Runs on asyncio and, used as
+Blocking file operations run in worker threads (the backend's own on
+asyncio, anyio's on trio). Runs on asyncio and, used as
 ``async with backend:``, on trio. Needs POSIX (``flock``): on Windows,
 opening one raises :class:`~aioresults.ConfigurationError`.
 """
@@ -57,25 +60,24 @@ from ..._exceptions import (
     StoreNotFound,
 )
 from ..._meta import ResultMeta
+from ..._runtime import on_asyncio
 from .. import _inotify
 from .._chords import PartCount
 from .._feeds import Feed
 from .._support import ErrorRule, ErrorTable
 from ..keyvalue import KeyValueBackend
+from ._feed import FRESH, ResultFeed
 from ._files import ResultDirectory
+from ._threads import Workers
 
 __all__ = ["FilesystemBackend"]
 
 T = TypeVar("T")
 
 _NAME_MAX = 255
-_WATCH_MASK = (
-    _inotify.IN_MOVED_TO | _inotify.IN_CLOSE_WRITE | _inotify.IN_DELETE | _inotify.IN_CREATE
-)
 #: Pauses before re-reading a fresh record that does not decode: Celery's own
 #: writer truncates the file and then writes it, so a reader can catch it half-done.
 _REREAD_PAUSES = (0.01, 0.03, 0.1)
-_FRESH = 2.0
 _GONE = (errno.ENOENT, errno.ENOTDIR, errno.ESTALE, errno.EIO, errno.ENOTCONN)
 
 
@@ -140,6 +142,7 @@ class FilesystemBackend(KeyValueBackend):
             raise ConfigurationError('watch="notify" needs Linux\'s inotify; use "auto" or "poll"')
         self.path = directory
         self._dir = ResultDirectory(directory, self.codec.max_value_size, self.is_success)
+        self._workers = Workers("aioresults-files", most=40)  # as many as anyio allows
         self._errors = ErrorTable(
             [
                 ErrorRule(OSError, BackendUnavailable, "cannot use", lambda e: _errno(e) in _GONE),
@@ -184,19 +187,19 @@ class FilesystemBackend(KeyValueBackend):
     def _feed(self) -> Feed | None:
         if self.watch == "poll" or not _inotify.available():
             return None
-        prefix = self.global_keyprefix + self.task_keyprefix
-
-        def changed(name: str) -> list[str]:
-            return [name[len(prefix) :]] if name.startswith(prefix) else []
-
-        return _inotify.InotifyFeed(self.path, _WATCH_MASK, changed)
+        return ResultFeed(self)
 
     def _store_key(self) -> object:
         return ("file", os.path.realpath(self.path), self.global_keyprefix)
 
+    async def _close(self) -> None:
+        self._workers.close()
+
     async def _run(self, func: Callable[..., T], *args: Any) -> T:
         """Run blocking file work in a thread; translate OS errors."""
         with self._errors.translating(func.__name__.replace("_", " ").strip()):
+            if on_asyncio():
+                return await self._workers.run(func, *args)
             return await anyio.to_thread.run_sync(func, *args)
 
     async def _write(self, func: Callable[..., T], *args: Any) -> T:
@@ -276,7 +279,7 @@ class FilesystemBackend(KeyValueBackend):
                 i
                 for i, (payload, mtime) in enumerate(read)
                 if payload is not None
-                and now - mtime < _FRESH
+                and now - mtime < FRESH
                 and not self._decodes(task_ids[i], payload)
             ]
             if not again:

@@ -25,7 +25,7 @@ from typing import Any
 from ..._exceptions import BackendCorrupted, ConfigurationError
 from .._chords import PartCount
 
-__all__ = ["ResultDirectory"]
+__all__ = ["ResultDirectory", "TooLarge"]
 
 LOCK_NAME = ".aioresults.lock"
 TEMP_PREFIX = ".aioresults-"
@@ -41,6 +41,10 @@ if sys.platform != "win32":
     import fcntl
 else:  # pragma: no cover - the backend refuses to open there
     fcntl = None
+
+
+class TooLarge(Exception):
+    """A file is larger than the caller wants to read here (see :meth:`ResultDirectory.read`)."""
 
 
 def _unlink_quietly(path: str) -> None:
@@ -150,8 +154,13 @@ class ResultDirectory:
         """Rename ``temp`` over ``key`` (the caller removes ``temp`` if this fails)."""
         os.replace(temp, self.file(key))
 
-    def read(self, key: str, ttl: float | None) -> tuple[bytes | None, float]:
-        """A file's payload (None if missing, empty or expired) and its mtime."""
+    def read(
+        self, key: str, ttl: float | None, most: int | None = None
+    ) -> tuple[bytes | None, float]:
+        """A file's payload (None if missing, empty or expired) and its mtime.
+
+        :raises TooLarge: the file holds more than ``most`` bytes (when given).
+        """
         try:
             fd = os.open(self.file(key), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -160,6 +169,8 @@ class ResultDirectory:
             st = os.fstat(fd)
             if stat.S_ISDIR(st.st_mode):
                 raise BackendCorrupted(f"{key} in {self.path} is a directory")
+            if most is not None and st.st_size > most:
+                raise TooLarge
             if self.expired(fd, st.st_mtime, ttl):
                 return None, st.st_mtime
             # A buffer of the file's size (one byte over the limit is enough for
@@ -191,11 +202,13 @@ class ResultDirectory:
                 if guarded:
                     current, _ = self.read(key, ttl)
                     if current is not None and current != value and self._is_success(current):
+                        _unlink_quietly(temp)
                         return False
                 self.replace(temp, key)
                 return True
-        finally:
-            _unlink_quietly(temp)  # left only when not renamed
+        except BaseException:
+            _unlink_quietly(temp)  # not renamed
+            raise
 
     def delete(self, key: str) -> None:
         _unlink_quietly(self.file(key))

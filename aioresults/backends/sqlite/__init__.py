@@ -8,14 +8,18 @@ parent ids, chord counters) lives in tables of its own, ``aioresults_*``,
 which Celery never looks at. ``aioresults_schema`` records the layout's
 version; a file with a newer or foreign layout is refused, never altered.
 
-Writes go through one writer connection in WAL mode, in a thread of its own.
-Concurrent writes are committed together, many per ``BEGIN IMMEDIATE``
-transaction (group commit), each caller still getting its own answer. Reads
-use an aiosqlite connection of their own. Waiters in this process wake as soon
-as a commit lands; waiters in other processes wake through inotify on the
-file's directory and then re-read only the ids they wait for, so a process
-that waits while nothing changes does no work at all. Without inotify (not
-Linux), or with ``watch="poll"``, the waiter hub polls instead.
+Writes go through one writer connection in WAL mode, in a thread of its own
+that callers queue their writes to directly. The thread commits every write
+waiting in the queue in one ``BEGIN IMMEDIATE`` transaction (group commit:
+writes that arrive while one commits make the next batch) and answers the
+batch with one call into the event loop, each caller still getting its own
+answer. The never-overwrite-SUCCESS guard is the upsert's own ``WHERE``; a
+stored SUCCESS is looked at (has it expired?) only when it is there. Reads use
+an aiosqlite connection of their own. Waiters in this process wake as soon as
+a commit lands; waiters in other processes wake through inotify on the file's
+directory and then re-read only the ids they wait for, so a process that waits
+while nothing changes does no work at all. Without inotify (not Linux), or
+with ``watch="poll"``, the waiter hub polls instead.
 
 A database file deleted or replaced while in use is noticed before the next
 write (by its inode): that write fails with
@@ -58,12 +62,13 @@ from ..._meta import ResultMeta
 from ..._runtime import shielded
 from .. import _inotify
 from .._chords import PartCount
-from .._feeds import Feed
+from .._feeds import Feed, wake_siblings
 from .._support import ErrorRule, ErrorTable, expires_at
 from ..base import BaseBackend
 from . import _rows
+from ._rows import Write, chunks, format_date, marks
 from ._schema import SCHEMA_VERSION
-from ._writer import FileSwapped, Write, Writer, chunks, format_date, marks
+from ._writer import FileSwapped, Writer, Writes
 
 try:
     import aiosqlite
@@ -105,8 +110,10 @@ class SQLiteBackend(BaseBackend):
         its directory must exist), or a ``sqlite:///`` URL.
     :param busy_timeout: seconds to keep retrying while another connection
         holds the write lock, before raising :class:`~aioresults.BackendUnavailable`.
-    :param commit_delay: when writes are arriving concurrently, wait up to this
-        many seconds for more of them to join the same commit (a lone write
+    :param commit_delay: after a commit of several writes, wait up to this many
+        seconds for more to join the next one. 0 (the default) does not wait:
+        writes that arrive while a commit is under way make the next batch
+        anyway, and a commit in WAL mode costs less than a wait (a lone write
         never waits).
     :param max_batch: the most writes committed in one transaction.
     :param synchronous: SQLite's ``synchronous`` setting for writes. ``"NORMAL"``
@@ -120,14 +127,13 @@ class SQLiteBackend(BaseBackend):
     """
 
     schemes: ClassVar[tuple[str, ...]] = ("sqlite", "db+sqlite")
-    local_wake: ClassVar[bool] = True
 
     def __init__(
         self,
         location: str | os.PathLike[str] = "aioresults.db",
         *,
         busy_timeout: float = 5.0,
-        commit_delay: float = 0.001,
+        commit_delay: float = 0.0,
         max_batch: int = 500,
         synchronous: str = "NORMAL",
         watch: str = "auto",
@@ -160,17 +166,10 @@ class SQLiteBackend(BaseBackend):
         self.synchronous = synchronous.upper()
         self._writer: Writer | None = None
         self._reader: aiosqlite.Connection | None = None
-        self._writes = self._batcher(
-            self._commit,
-            "sqlite writes",
-            max_size=max_batch,
-            # Under load, wait a little for more writes to share the commit.
-            linger=lambda last: self.commit_delay if last > 1 else 0.0,
-        )
-        self._writes_done = 0
-        self._commits_done = 0  # kept here: a reopened file gets a new Writer
-        #: A batch of writes is being committed (tests watch it from outside).
-        self._batch_running = False
+        # The store calls not answered yet; their batches wake this process's
+        # waiters as soon as they commit.
+        self._writes = Writes(self._stored)
+        self._transactions = 0  # other than stores; kept here: a reopened file gets a new Writer
         #: aclose() has begun: writes are refused from now on.
         self._closing = False
         # One reopening at a time, after the file was deleted or replaced.
@@ -214,7 +213,13 @@ class SQLiteBackend(BaseBackend):
     @property
     def stats(self) -> dict[str, int]:
         """``commits`` (write transactions) and ``writes`` (records written) so far."""
-        return {"commits": self._commits_done, "writes": self._writes_done}
+        writes = self._writes
+        return {"commits": writes.commits + self._transactions, "writes": writes.stored}
+
+    @property
+    def _batch_running(self) -> bool:
+        """A batch of writes is being committed (tests watch it from outside)."""
+        return self._writes.running > 0
 
     # ------------------------------------------------------------ lifecycle
 
@@ -228,7 +233,17 @@ class SQLiteBackend(BaseBackend):
 
     async def _open(self) -> None:
         self._check_path()  # two stat calls: cheaper than a thread hop
-        writer = Writer(self.path, self.busy_timeout, self.synchronous, self.create)
+        writer = Writer(
+            self.path,
+            self.busy_timeout,
+            self.synchronous,
+            self.create,
+            writes=self._writes,
+            errors=self._errors,
+            expired=self._expired,
+            commit_delay=self.commit_delay,
+            max_batch=self.max_batch,
+        )
         reader: aiosqlite.Connection | None = None
         try:
             with self._errors.translating("opening the database"):
@@ -302,13 +317,29 @@ class SQLiteBackend(BaseBackend):
         return ("sqlite", os.path.realpath(self.path))
 
     async def aclose(self) -> None:
-        """Finish the writes already queued, then close. Idempotent."""
-        if self._opened and not self._closed:
-            self._closing = True  # a write arriving from now on is refused
-            # Bounded: a queued batch waits at most busy_timeout for the lock.
-            with anyio.move_on_after(self.busy_timeout + 5):
-                await self._writes.wait_idle()
-        await super().aclose()
+        """Finish the writes already queued, then close. Idempotent.
+
+        Writes still unanswered when that takes too long (the database stays
+        locked), or when this call is cancelled, fail at once with
+        :class:`~aioresults.BackendClosed`: they may or may not have been stored.
+        """
+        if self._closed:
+            return
+        try:
+            if self._opened:
+                self._closing = True  # a write arriving from now on is refused
+                # Bounded: a queued batch waits at most busy_timeout for the lock.
+                with anyio.move_on_after(self.busy_timeout + 5):
+                    await self._writes.wait_idle()
+        finally:
+            self._writes.close(
+                BackendClosed(
+                    f"{self!r} was closed while committing the write; "
+                    "it may or may not have been stored"
+                ),
+                BackendClosed(f"{self!r} is closed"),
+            )
+            await super().aclose()
 
     async def _close(self) -> None:
         async with self._reopening:  # after a reopening under way, close what it opened
@@ -342,7 +373,7 @@ class SQLiteBackend(BaseBackend):
         except FileSwapped as exc:
             await self._swapped(writer, exc)
             raise
-        self._commits_done += 1
+        self._transactions += 1
         return result
 
     # ------------------------------------------------------------ writing results
@@ -351,51 +382,20 @@ class SQLiteBackend(BaseBackend):
         if self._closing:
             raise BackendClosed(f"{self!r} is closing; the write was not stored")
         write = Write(meta, self.codec, self.expires)  # encoding errors are the caller's alone
-        written: bool = await self._writes(write)
-        return written
-
-    async def _commit(self, batch: list[Write]) -> list[bool | BaseException]:
-        """The batcher's run: commit ``batch``. If it is stopped mid-commit (its
-        task cancelled), the writer is stopped: the callers of this batch and of
-        every queued write fail at once instead of waiting for ever, and later
-        writes are refused (closing the backend fails them anyway)."""
-        self._batch_running = True
+        writer = self._writer
+        if writer is None or not writer.accepting:  # closed by a reopening under way
+            writer, _ = await self._connections()
         try:
-            return await self._commit_batch(batch)
-        except BaseException as exc:
-            if not isinstance(exc, Exception) and not self._closed:
-                self._writes.close(
-                    BackendClosed(
-                        f"{self!r} was closed while committing the write; "
-                        "it may or may not have been stored"
-                    )
-                )
+            written: bool = await writer.store(write)
+        except FileSwapped as exc:
+            await self._swapped(writer, exc)
             raise
-        finally:
-            self._batch_running = False
-
-    async def _commit_batch(self, batch: list[Write]) -> list[bool | BaseException]:
-        """One transaction for the batch; on an error that may be one record's,
-        each alone, so only its caller fails."""
-
-        def store(conn: sqlite3.Connection) -> list[bool]:
-            return Writer.store_batch(batch, self._expired, conn)
-
-        try:
-            written: list[bool | BaseException] = list(
-                await self._transaction("storing results", store)
-            )
-        except BackendError as exc:
-            if len(batch) == 1 or isinstance(exc, (BackendUnavailable, BackendCorrupted)):
-                raise
-            written = []
-            for write in batch:
-                try:
-                    written.extend(await self._commit_batch([write]))
-                except BackendError as own:
-                    written.append(own)
-        self._writes_done += sum(1 for w in written if w is True)
         return written
+
+    def _stored(self, task_ids: list[str]) -> None:
+        """A batch was committed: wake the waiters for it in this process at once."""
+        if self._sibling_key is not None:
+            wake_siblings(self._sibling_key, task_ids)
 
     # ------------------------------------------------------------ reading results
 
@@ -494,7 +494,7 @@ class SQLiteBackend(BaseBackend):
         # The size check, the deduplicating insert and the increment are one
         # transaction under the database's write lock: safe across processes.
         def count(conn: sqlite3.Connection) -> PartCount | None:
-            return Writer.count_part(group_id, part_id, payload, receipt, conn)
+            return _rows.count_part(group_id, part_id, payload, receipt, conn)
 
         result: PartCount | None = await self._transaction("counting a chord part", count)
         return result

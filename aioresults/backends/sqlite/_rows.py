@@ -1,17 +1,53 @@
-"""Reading the SQLite backend's rows: the statements and the decoding."""
+"""The SQLite backend's rows: the statements, and records to and from rows.
+
+Writes run in the writer's thread, in a transaction begun with ``BEGIN
+IMMEDIATE`` (the write lock is held from the start, so what a write checks
+stays true until it commits).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import sqlite3
+import time
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from ... import states
 from ..._exceptions import AioResultsError, DecodeError
 from ..._meta import ResultMeta
-from ..._serialization import Codec
-from ._writer import TASK_COLUMNS
+from ..._serialization import Codec, exception_to_dict
+from .._chords import PartCount
 
-__all__ = ["SELECT_GROUP", "SELECT_TASKS", "decode_group", "decode_row", "parse_date"]
+__all__ = [
+    "DATE_FORMAT",
+    "SELECT_GROUP",
+    "SELECT_TASKS",
+    "TASK_COLUMNS",
+    "Expired",
+    "SuccessFound",
+    "Write",
+    "chunks",
+    "count_part",
+    "decode_group",
+    "decode_row",
+    "format_date",
+    "marks",
+    "parse_date",
+    "store_each",
+    "store_many",
+]
+
+#: SQLite's default limit of bound parameters is 999 on old builds.
+CHUNK = 900
+DATE_FORMAT = "%Y-%m-%d %H:%M:%S.%f"  # SQLAlchemy's DATETIME text on SQLite: naive UTC
+TASK_COLUMNS = (
+    "task_id status result date_done traceback children name args kwargs worker retries queue "
+    "stamps".split()
+)
+
+# ---------------------------------------------------------------- reading
 
 SELECT_TASKS = (
     f"SELECT {', '.join('t.' + c for c in TASK_COLUMNS)}, "
@@ -49,6 +85,28 @@ CLEANUP_BOOKKEEPING = (
     "DELETE FROM aioresults_chord_part "
     "WHERE group_id NOT IN (SELECT group_id FROM aioresults_chord)",
 )
+
+
+def chunks(items: Sequence[str]) -> Iterator[Sequence[str]]:
+    for start in range(0, len(items), CHUNK):
+        yield items[start : start + CHUNK]
+
+
+def marks(n: int) -> str:
+    return ", ".join("?" * n)
+
+
+def format_date(value: dt.datetime) -> str:
+    """``value`` as :data:`DATE_FORMAT` text, in UTC."""
+    if value.tzinfo is not None:
+        if value.tzinfo is not dt.UTC:
+            value = value.astimezone(dt.UTC)
+        value = value.replace(tzinfo=None)
+    if value.year < 1000:  # strftime does not pad such a year to four digits
+        return value.strftime(DATE_FORMAT)
+    # The same text as strftime(DATE_FORMAT), at less than half its cost.
+    text = value.isoformat(" ")
+    return text if value.microsecond else text + ".000000"
 
 
 def parse_date(value: Any) -> dt.datetime | None:
@@ -109,3 +167,195 @@ def decode_group(group_id: str, payload: bytes, codec: Codec) -> list[Any]:
     if not isinstance(data, list):
         raise DecodeError(f"saved group {group_id!r} is not in Celery's format")
     return data
+
+
+# ---------------------------------------------------------------- writing
+
+_UPSERT = (
+    f"INSERT INTO celery_taskmeta ({', '.join(TASK_COLUMNS)}) "
+    f"VALUES ({marks(len(TASK_COLUMNS))}) "
+    "ON CONFLICT (task_id) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in TASK_COLUMNS[1:-1])
+    # Celery keeps stamps it has when a write brings none.
+    + ", stamps = coalesce(excluded.stamps, celery_taskmeta.stamps)"
+)
+#: Stores unless a SUCCESS is there; the row count says which happened.
+_UPSERT_GUARDED = _UPSERT + " WHERE celery_taskmeta.status IS NOT 'SUCCESS'"
+#: What decides whether a stored SUCCESS has expired (then it is replaced).
+_SELECT_GUARD = (
+    "SELECT t.date_done, m.task_id IS NOT NULL, m.expires_at "
+    "FROM celery_taskmeta AS t LEFT JOIN aioresults_meta AS m ON m.task_id = t.task_id "
+    "WHERE t.task_id = ?"
+)
+_UPSERT_META = "INSERT OR REPLACE INTO aioresults_meta VALUES (?, ?, ?, ?, ?)"
+#: The most rows in one multi-row statement: 13 parameters each stays under the
+#: 999 of old builds; sizes are powers of two, so few statements are prepared.
+_TASK_ROWS = 64
+_META_ROWS = 128
+_VALUES = f"({marks(len(TASK_COLUMNS))})"
+_upserts: dict[int, str] = {}
+_metas: dict[int, str] = {}
+
+#: Whether a stored record has expired: (it has an ``aioresults_meta`` row,
+#: that row's deadline, the stored ``date_done``, now).
+Expired = Callable[[Any, Any, Any, float], bool]
+
+
+class Write:
+    """One record to write, as the rows of both tables, and the future its caller awaits.
+
+    Encoded here, in the caller's call: an error is the caller's alone, and
+    the record is the value as it was when the caller stored it.
+    """
+
+    __slots__ = ("future", "meta_row", "row", "status", "task_id")
+
+    def __init__(self, meta: ResultMeta, codec: Codec, expires: float | None) -> None:
+        encode = codec.encode
+        result = meta.result
+        if isinstance(result, BaseException):
+            result = exception_to_dict(result)
+        extra = meta.extra
+        stamps = None
+        if extra:
+            extra = dict(extra)
+            headers = extra.pop("stamped_headers", None)
+            if headers:
+                stamped = {h: extra.pop(h) for h in list(headers) if h in extra}
+                stamps = encode({"stamped_headers": headers, "stamps": stamped})
+        self.task_id = meta.task_id
+        self.status = meta.status
+        self.row = (  # in TASK_COLUMNS order
+            meta.task_id,
+            meta.status,
+            encode(result),
+            None if meta.date_done is None else format_date(meta.date_done),
+            meta.traceback,
+            encode(meta.children) if meta.children else None,
+            meta.name,
+            None if meta.args is None else encode(meta.args),
+            None if meta.kwargs is None else encode(meta.kwargs),
+            meta.worker,
+            meta.retries,
+            meta.queue,
+            stamps,
+        )
+        self.meta_row = (
+            meta.task_id,
+            None if expires is None else time.time() + expires,
+            meta.group_id,
+            meta.parent_id,
+            encode(extra) if extra else None,
+        )
+        self.future: asyncio.Future[bool] | None = None
+
+
+class SuccessFound(Exception):
+    """:func:`store_many` met a stored SUCCESS: roll back and use :func:`store_each`."""
+
+
+def store_many(writes: list[Write], conn: sqlite3.Connection) -> list[bool]:
+    """Write a batch of distinct ids with a few multi-row statements (one
+    sqlite3 step each, so the thread lets go of the GIL a few times, not
+    twice per row). Raises :class:`SuccessFound` if a SUCCESS is stored for
+    one of them: nothing is decided for that batch here."""
+    cursor = conn.cursor()
+    for chunk in _sized(writes, _TASK_ROWS):
+        cursor.execute(_upsert_rows(len(chunk)), [v for w in chunk for v in w.row])
+        if cursor.rowcount != len(chunk):
+            raise SuccessFound
+    for chunk in _sized(writes, _META_ROWS):
+        cursor.execute(_meta_rows(len(chunk)), [v for w in chunk for v in w.meta_row])
+    return [True] * len(writes)
+
+
+def store_each(writes: list[Write], expired: Expired, conn: sqlite3.Connection) -> list[bool]:
+    """Write a batch row by row; which were written.
+
+    A SUCCESS already stored, and not expired, is never overwritten; neither is
+    one written earlier in the same batch.
+    """
+    cursor = conn.cursor()
+    execute = cursor.execute
+    written: list[bool] = []
+    meta_rows: list[tuple[Any, ...]] = []
+    protected: set[str] = set()
+    now = 0.0
+    for write in writes:
+        task_id = write.task_id
+        if task_id in protected:
+            written.append(False)
+            continue
+        execute(_UPSERT_GUARDED, write.row)
+        if cursor.rowcount != 1:  # a SUCCESS is there: replaced only if it expired
+            if not now:
+                now = time.time()  # after BEGIN IMMEDIATE, which may have waited
+            found = execute(_SELECT_GUARD, (task_id,)).fetchone()
+            if found is None or not expired(found[1], found[2], found[0], now):
+                written.append(False)
+                protected.add(task_id)
+                continue
+            execute(_UPSERT, write.row)
+        written.append(True)
+        meta_rows.append(write.meta_row)
+        if write.status == states.SUCCESS:
+            protected.add(task_id)
+    if len(meta_rows) == 1:
+        execute(_UPSERT_META, meta_rows[0])
+    elif meta_rows:
+        cursor.executemany(_UPSERT_META, meta_rows)
+    return written
+
+
+def _sized(items: list[Write], most: int) -> Iterator[list[Write]]:
+    """``items`` in chunks of power-of-two sizes up to ``most``."""
+    start = 0
+    while start < len(items):
+        size = min(most, 1 << ((len(items) - start).bit_length() - 1))
+        yield items[start : start + size]
+        start += size
+
+
+def _upsert_rows(n: int) -> str:
+    sql = _upserts.get(n)
+    if sql is None:
+        sql = _upserts[n] = _UPSERT_GUARDED.replace(_VALUES, ", ".join([_VALUES] * n), 1)
+    return sql
+
+
+def _meta_rows(n: int) -> str:
+    sql = _metas.get(n)
+    if sql is None:
+        values = ", ".join(["(?, ?, ?, ?, ?)"] * n)
+        sql = _metas[n] = f"INSERT OR REPLACE INTO aioresults_meta VALUES {values}"
+    return sql
+
+
+def count_part(
+    group_id: str, field: str, payload: bytes, receipt: str, conn: sqlite3.Connection
+) -> PartCount | None:
+    """Count a chord part once (in the current transaction, under the write lock)."""
+    row = conn.execute(
+        "SELECT size, count, expires_at FROM aioresults_chord WHERE group_id = ?", (group_id,)
+    ).fetchone()
+    if row is None or (row[2] is not None and row[2] <= time.time()):
+        return None
+    size = int(row[0])
+    found = conn.execute(
+        "SELECT count, receipt FROM aioresults_chord_part WHERE group_id = ? AND field = ?",
+        (group_id, field),
+    ).fetchone()
+    if found is not None:
+        # A part counted by schema 1 has no count: it never completes again.
+        return PartCount(int(found[0] or 0), size, found[1] == receipt)
+    if int(row[1]) >= size:
+        return PartCount(size + 1, size, False)
+    (count,) = conn.execute(
+        "UPDATE aioresults_chord SET count = count + 1 WHERE group_id = ? RETURNING count",
+        (group_id,),
+    ).fetchone()
+    conn.execute(
+        "INSERT INTO aioresults_chord_part VALUES (?, ?, ?, ?, ?)",
+        (group_id, field, payload, count, receipt),
+    )
+    return PartCount(int(count), size, True)

@@ -1,122 +1,148 @@
 """The SQLite backend's writer: one plain :mod:`sqlite3` connection in a thread of its own.
 
-The connection is made, used and closed only in that thread. A whole
-transaction (for a batch of writes: the read that keeps a SUCCESS from being
-overwritten, the upserts and the commit) runs there as one call, so it costs
-one hand-off from the event loop, not one per statement.
+The connection is made, used and closed only in that thread, which takes its
+work from a queue, in order. A store is put on the queue by its caller itself,
+with no task of the event loop in between; the thread commits every store it
+finds waiting in one ``BEGIN IMMEDIATE`` transaction (group commit: while one
+batch commits, the next one queues up) and answers the whole batch with one
+call into the event loop. So a store costs one hand-off to the thread and one
+back, as one statement of a plain aiosqlite connection does. Other work
+(opening, forget, groups, chords, cleanup) is one queued call each.
 """
 
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import os
 import sqlite3
+import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from functools import partial
+from queue import Empty, SimpleQueue
 from typing import Any, TypeVar
 
-from ... import states
-from ..._exceptions import BackendClosed, BackendUnavailable, StoreNotFound
-from ..._meta import ResultMeta
-from ..._serialization import Codec, exception_to_dict
-from .._chords import PartCount
+from ..._exceptions import (
+    AioResultsError,
+    BackendClosed,
+    BackendCorrupted,
+    BackendError,
+    BackendUnavailable,
+    StoreNotFound,
+)
+from .._support import ErrorTable, _copy
 from . import _schema
+from ._rows import Expired, SuccessFound, Write, store_each, store_many
 
-__all__ = [
-    "DATE_FORMAT",
-    "TASK_COLUMNS",
-    "FileSwapped",
-    "Write",
-    "Writer",
-    "chunks",
-    "format_date",
-    "marks",
-]
+__all__ = ["FileSwapped", "Writer", "Writes"]
 
 T = TypeVar("T")
 
-#: SQLite's default limit of bound parameters is 999 on old builds.
-CHUNK = 900
-DATE_FORMAT = "%Y-%m-%d %H:%M:%S.%f"  # SQLAlchemy's DATETIME text on SQLite: naive UTC
-TASK_COLUMNS = (
-    "task_id status result date_done traceback children name args kwargs worker retries queue "
-    "stamps".split()
-)
-_UPSERT_TASK = (
-    f"INSERT INTO celery_taskmeta ({', '.join(TASK_COLUMNS)}) "
-    f"VALUES ({', '.join(':' + c for c in TASK_COLUMNS)}) "
-    "ON CONFLICT (task_id) DO UPDATE SET "
-    + ", ".join(f"{c} = excluded.{c}" for c in TASK_COLUMNS[1:-1])
-    # Celery keeps stamps it has when a write brings none.
-    + ", stamps = coalesce(excluded.stamps, celery_taskmeta.stamps)"
-    # The guard is decided under the write lock already; this keeps SQL honest too.
-    " WHERE celery_taskmeta.status IS NOT 'SUCCESS' OR :replace"
-)
-_UPSERT_META = "INSERT OR REPLACE INTO aioresults_meta VALUES (?, ?, ?, ?, ?)"
+#: The thread's signal to end (after what was queued before it).
+_STOP = object()
 
-
-def chunks(items: Sequence[str]) -> Iterator[Sequence[str]]:
-    for start in range(0, len(items), CHUNK):
-        yield items[start : start + CHUNK]
-
-
-def marks(n: int) -> str:
-    return ", ".join("?" * n)
-
-
-def format_date(value: dt.datetime) -> str:
-    if value.tzinfo is not None:
-        value = value.astimezone(dt.UTC).replace(tzinfo=None)
-    return value.strftime(DATE_FORMAT)
+#: One answer per write of a batch: whether it was written, that write's own
+#: error, or None for a write left out (its caller had gone); or one error for all.
+Outcomes = list[bool | BaseException | None] | BaseException
 
 
 class FileSwapped(BackendUnavailable):
     """The database file was deleted or replaced while the backend used it."""
 
 
-class Write:
-    """One record to write, as rows of both tables."""
+class Writes:
+    """The store calls not answered yet: the event loop's side of the writer.
 
-    __slots__ = ("meta_row", "row", "status", "task_id")
+    One per backend (a reopened file gets a new :class:`Writer`, the same
+    ``Writes``), so closing the backend fails every call still unanswered.
 
-    def __init__(self, meta: ResultMeta, codec: Codec, expires: float | None) -> None:
-        encode = codec.encode
-        result = meta.result
-        if isinstance(result, BaseException):
-            result = exception_to_dict(result)
-        extra = dict(meta.extra)
-        stamps = None
-        headers = extra.pop("stamped_headers", None)
-        if headers:
-            stamped = {h: extra.pop(h) for h in list(headers) if h in extra}
-            stamps = encode({"stamped_headers": headers, "stamps": stamped})
-        self.task_id = meta.task_id
-        self.status = meta.status
-        self.row = {
-            "task_id": meta.task_id,
-            "status": meta.status,
-            "result": encode(result),
-            "date_done": None if meta.date_done is None else format_date(meta.date_done),
-            "traceback": meta.traceback,
-            "children": encode(meta.children) if meta.children else None,
-            "name": meta.name,
-            "args": None if meta.args is None else encode(meta.args),
-            "kwargs": None if meta.kwargs is None else encode(meta.kwargs),
-            "worker": meta.worker,
-            "retries": meta.retries,
-            "queue": meta.queue,
-            "stamps": stamps,
-        }
-        self.meta_row = (
-            meta.task_id,
-            None if expires is None else time.time() + expires,
-            meta.group_id,
-            meta.parent_id,
-            encode(extra) if extra else None,
-        )
+    :param stored: called in the event loop with the ids each batch stored,
+        once their callers are answered.
+    """
+
+    def __init__(self, stored: Callable[[list[str]], None]) -> None:
+        self._pending: set[Write] = set()
+        self._idle: asyncio.Event | None = None
+        self._refused: BaseException | None = None
+        self._stored = stored
+        #: Writes in the transaction under way (set by the writer's thread).
+        self.running = 0
+        #: Write transactions committed and records stored, as answered so far.
+        self.commits = 0
+        self.stored = 0
+
+    def __len__(self) -> int:
+        """Store calls queued or being committed."""
+        return len(self._pending)
+
+    def add(self, write: Write, loop: asyncio.AbstractEventLoop) -> asyncio.Future[bool]:
+        """Give ``write`` the future its caller awaits."""
+        if self._refused is not None:
+            raise _copy(self._refused)
+        future: asyncio.Future[bool] = loop.create_future()
+        write.future = future
+        self._pending.add(write)
+        return future
+
+    def settle(self, writes: list[Write], outcomes: Outcomes, commits: int) -> None:
+        """Answer the callers of a batch (called in the event loop)."""
+        self.commits += commits
+        pending = self._pending
+        shared = outcomes if isinstance(outcomes, BaseException) else None
+        stored = []
+        for i, write in enumerate(writes):
+            pending.discard(write)
+            outcome = _copy(shared) if shared is not None else outcomes[i]  # type: ignore[index]
+            if outcome is True:
+                stored.append(write.task_id)
+            future = write.future
+            if outcome is None or future is None or future.done():
+                continue  # its caller has gone
+            if isinstance(outcome, BaseException):
+                future.set_exception(outcome)
+            else:
+                future.set_result(outcome)
+        if stored:
+            self.stored += len(stored)
+            self._stored(stored)
+        if not pending and self._idle is not None:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Return once every store call is answered."""
+        while self._pending:
+            self._idle = asyncio.Event()
+            await self._idle.wait()
+
+    def close(self, error: BaseException, refusal: BaseException) -> None:
+        """Fail every unanswered call with (a copy of) ``error`` at once, and
+        later ones with ``refusal``."""
+        self._refused = refusal
+        pending = list(self._pending)
+        self._pending.clear()
+        for write in pending:
+            future = write.future
+            if future is not None and not future.done():
+                future.set_exception(_copy(error))
+                future.exception()  # a caller that has gone must not leave it "never retrieved"
+        if self._idle is not None:
+            self._idle.set()
+
+
+def _to_loop(future: asyncio.Future[Any], callback: Callable[..., None], *args: Any) -> None:
+    """From the writer's thread: ``callback(*args)`` in the event loop of ``future``."""
+    try:
+        future.get_loop().call_soon_threadsafe(callback, *args)
+    except RuntimeError:  # that loop is closed: nobody is waiting any more
+        pass
+
+
+def _answer(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if not future.done():
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
 
 
 class Writer:
@@ -127,38 +153,70 @@ class Writer:
     :param synchronous: SQLite's ``synchronous`` setting.
     :param create: create the file and its tables if missing (else
         :class:`~aioresults.StoreNotFound`).
+    :param writes: where the callers of stores are answered.
+    :param errors: translates the driver's errors of a store.
+    :param expired: whether a stored SUCCESS has expired (then it is replaced).
+    :param commit_delay: after a batch of several writes, wait up to this long
+        for more to join the next one.
+    :param max_batch: the most writes in one transaction.
     """
 
     def __init__(
-        self, path: str, busy_timeout: float, synchronous: str, create: bool = True
+        self,
+        path: str,
+        busy_timeout: float,
+        synchronous: str,
+        create: bool,
+        *,
+        writes: Writes,
+        errors: ErrorTable,
+        expired: Expired,
+        commit_delay: float = 0.0,
+        max_batch: int = 500,
     ) -> None:
         self.path = path
         self.create = create
         self._busy_timeout = busy_timeout
         self._synchronous = synchronous
-        self._thread: ThreadPoolExecutor | None = None
+        self._writes = writes
+        self._errors = errors
+        self._expired = expired
+        self._commit_delay = commit_delay
+        self._max_batch = max_batch
+        self._queue: SimpleQueue[Any] = SimpleQueue()
+        self._thread: threading.Thread | None = None
+        #: Used in the writer's thread only.
         self._conn: sqlite3.Connection | None = None
         self._inode: tuple[int, int] | None = None
-        #: Transactions committed.
-        self.commits = 0
+        #: Whether work is taken (open, and not closing).
+        self.accepting = False
 
     async def open(self) -> None:
-        """Connect, switch to WAL and create or check the tables."""
+        """Start the thread, connect, switch to WAL and create or check the tables."""
         if not self.create and not os.path.isfile(self.path):  # noqa: ASYNC240 - one stat
             raise StoreNotFound(f"no store at {self.path}: the file does not exist")
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="aioresults-sqlite")
-        conn = await self.run(
-            partial(
-                sqlite3.connect,
-                self.path,
-                timeout=self._busy_timeout,  # the busy handler retries for this long
-                isolation_level=None,  # autocommit: transactions are ours to begin
-            )
+        # A daemon: a backend never closed must not keep the interpreter from
+        # exiting (SQLite rolls back a transaction cut short there; its callers
+        # were never answered).
+        self._thread = threading.Thread(target=self._serve, name="aioresults-sqlite", daemon=True)
+        self._thread.start()
+        await self._call(self._connect)
+        self.accepting = True
+
+    def _connect(self) -> None:
+        conn = sqlite3.connect(
+            self.path,
+            timeout=self._busy_timeout,  # the busy handler retries for this long
+            isolation_level=None,  # autocommit: transactions are ours to begin
         )
+        try:
+            self._use_wal(conn)
+            _schema.prepare(conn, self.path, self._synchronous, self.create)
+            st = os.stat(self.path)
+        except BaseException:
+            conn.close()
+            raise
         self._conn = conn
-        await self.run(self._use_wal, conn)
-        await self.run(_schema.prepare, conn, self.path, self._synchronous, self.create)
-        st = os.stat(self.path)
         self._inode = (st.st_dev, st.st_ino)
 
     def _use_wal(self, conn: sqlite3.Connection) -> str:
@@ -198,122 +256,175 @@ class Writer:
         if (st.st_dev, st.st_ino) != self._inode:
             raise FileSwapped(f"{self.path} was replaced by another file while in use; {outcome}")
 
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn(*args)`` in the writer's thread: one hand-off there and back.
+    # ------------------------------------------------------------ event loop side
 
-        The thread runs one call at a time, in order. A caller cancelled before
-        its call started leaves it unrun; one cancelled later stops waiting, and
-        the call still runs to its end (the next starts after it).
+    def _closed(self) -> BackendClosed:
+        return BackendClosed(f"the writer of {self.path} is closed")
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` in the writer's thread, after what is queued before it.
+
+        A caller cancelled before its call started leaves it unrun; one cancelled
+        later stops waiting, and the call still runs to its end.
         """
-        thread = self._thread
-        if thread is None:
-            raise BackendClosed(f"the writer of {self.path} is closed")
-        result: T = await asyncio.get_running_loop().run_in_executor(thread, fn, *args)
-        return result
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._queue.put((fn, args, future))
+        return await future
 
     async def transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """``work(conn)`` in one ``BEGIN IMMEDIATE`` transaction, in the writer's thread."""
+        if not self.accepting:
+            raise self._closed()
+        return await self._call(self._checked_transaction, work)
+
+    def store(self, write: Write) -> asyncio.Future[bool]:
+        """Queue ``write``. Its future says, once its transaction is over, whether
+        it was stored (False: a SUCCESS is there), or raises its error."""
+        if not self.accepting:
+            raise self._closed()
+        future = self._writes.add(write, asyncio.get_running_loop())
+        self._queue.put(write)
+        return future
+
+    async def close(self) -> None:
+        """Close the connection after everything queued, and end the thread."""
+        if self._thread is None:
+            return
+        self._thread = None
+        self.accepting = False
+        try:
+            await self._call(self._disconnect)
+        finally:
+            self._queue.put(_STOP)
+
+    def _disconnect(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+    # ------------------------------------------------------------ writer's thread
+
+    def _serve(self) -> None:
+        queue = self._queue
+        held: Any = None
+        last = 0
+        while True:
+            job = held if held is not None else queue.get()
+            held = None
+            if job is _STOP:
+                return
+            if type(job) is Write:
+                batch = [job]
+                held = self._gather(batch, last)
+                last = len(batch)
+                self._store(batch)
+            else:
+                self._run(*job)
+
+    def _gather(self, batch: list[Write], last: int) -> Any:
+        """Add the writes waiting in the queue to ``batch``; return the first
+        other job met (it runs next), or None."""
+        queue = self._queue
+        deadline = 0.0
+        while len(batch) < self._max_batch:
+            try:
+                job = queue.get_nowait()
+            except Empty:
+                # Under load (the last batch had company), wait a little for more.
+                if last <= 1 or self._commit_delay <= 0:
+                    return None
+                if not deadline:
+                    deadline = time.monotonic() + self._commit_delay
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                try:
+                    job = queue.get(timeout=remaining)
+                except Empty:
+                    return None
+            if type(job) is not Write:
+                return job
+            batch.append(job)
+        return None
+
+    def _run(
+        self, fn: Callable[..., Any], args: tuple[Any, ...], future: asyncio.Future[Any]
+    ) -> None:
+        if future.cancelled():
+            return
+        try:
+            result = fn(*args)
+        except BaseException as exc:
+            _to_loop(future, _answer, future, None, exc)
+        else:
+            _to_loop(future, _answer, future, result, None)
+
+    def _store(self, batch: list[Write]) -> None:
+        # A write whose caller has gone (cancelled, or failed by a close) before
+        # the write was taken is left out.
+        live = [w for w in batch if w.future is not None and not w.future.done()]
+        outcomes: Outcomes = [None] * len(batch)
+        commits = 0
+        if live:
+            self._writes.running = len(live)
+            try:
+                outcomes, commits = self._commit(live)
+            except BaseException as exc:  # pragma: no cover - a bug must not hang callers
+                outcomes = exc
+            finally:
+                self._writes.running = 0
+            if not isinstance(outcomes, BaseException) and len(live) != len(batch):
+                answers = dict(zip(map(id, live), outcomes, strict=True))
+                outcomes = [answers.get(id(w)) for w in batch]
+        future = batch[0].future
+        assert future is not None  # every queued write has one
+        _to_loop(future, self._writes.settle, batch, outcomes, commits)
+
+    def _commit(self, writes: list[Write]) -> tuple[Outcomes, int]:
+        """One transaction for ``writes``; on an error that may be one record's,
+        each alone, so only its caller fails. Returns the outcomes and commits."""
+        try:
+            try:
+                if len(writes) > 1 and len({w.task_id for w in writes}) == len(writes):
+                    written = self._checked_transaction(partial(store_many, writes))
+                else:
+                    written = self._checked_transaction(partial(store_each, writes, self._expired))
+            except SuccessFound:  # rare: decided row by row, in a new transaction
+                written = self._checked_transaction(partial(store_each, writes, self._expired))
+        except Exception as exc:
+            error = self._translate(exc, "storing results")
+            if (
+                len(writes) == 1
+                or not isinstance(error, BackendError)
+                or isinstance(error, (BackendUnavailable, BackendCorrupted))
+            ):
+                return error, 0
+            commits = 0
+            alone: list[bool | BaseException | None] = []
+            for write in writes:
+                outcome, done = self._commit([write])
+                commits += done
+                alone.append(outcome if isinstance(outcome, BaseException) else outcome[0])
+            return alone, commits
+        answers: list[bool | BaseException | None] = list(written)
+        return answers, 1
+
+    def _translate(self, exc: Exception, doing: str) -> BaseException:
+        if isinstance(exc, AioResultsError):
+            return exc
+        error = self._errors.translate(exc, doing)
+        if error is None:
+            return exc
+        error.__cause__ = exc
+        return error
+
+    def _checked_transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
         conn = self._conn
         if conn is None:
-            raise BackendClosed(f"the writer of {self.path} is closed")
-        result: T = await self.run(self._checked_transaction, conn, work)
-        self.commits += 1
-        return result
-
-    def _checked_transaction(
-        self, conn: sqlite3.Connection, work: Callable[[sqlite3.Connection], T]
-    ) -> T:
+            raise self._closed()
         self.check_file()
         result = _schema.run_transaction(conn, work)
         # Deleted or replaced during the transaction: never acknowledge a commit
         # into a file nobody will open again.
         self.check_file(committed=True)
         return result
-
-    async def close(self) -> None:
-        conn, thread = self._conn, self._thread
-        self._conn = self._thread = None
-        if thread is None:
-            return
-        try:
-            if conn is not None:
-                # In its own thread, after whatever that thread is still running.
-                await asyncio.get_running_loop().run_in_executor(thread, conn.close)
-        finally:
-            thread.shutdown(wait=False)
-
-    # ------------------------------------------------------------ work (writer's thread)
-
-    @staticmethod
-    def store_batch(
-        batch: Sequence[Write],
-        expired: Callable[[Any, Any, Any, float], bool],
-        conn: sqlite3.Connection,
-    ) -> list[bool]:
-        """Write a batch in the current transaction; which were written.
-
-        A SUCCESS already stored, and not expired, is never overwritten; neither is
-        one written earlier in the same batch. The write lock is held since
-        ``BEGIN IMMEDIATE``, so no other connection can store one in between.
-        """
-        ids = list(dict.fromkeys(w.task_id for w in batch))
-        protected: set[str] = set()
-        replaceable: set[str] = set()
-        now = time.time()  # after BEGIN IMMEDIATE, which may have waited for the lock
-        for chunk in chunks(ids):
-            rows = conn.execute(
-                "SELECT t.task_id, t.date_done, m.task_id IS NOT NULL, m.expires_at "
-                "FROM celery_taskmeta AS t LEFT JOIN aioresults_meta AS m "
-                "ON m.task_id = t.task_id "
-                f"WHERE t.status = 'SUCCESS' AND t.task_id IN ({marks(len(chunk))})",
-                chunk,
-            )
-            for task_id, date_done, has_meta, expires_at in rows:
-                is_expired = expired(has_meta, expires_at, date_done, now)
-                (replaceable if is_expired else protected).add(task_id)
-        written: list[bool] = []
-        rows_to_write: list[dict[str, Any]] = []
-        meta_rows: list[tuple[Any, ...]] = []
-        for write in batch:
-            if write.task_id in protected:
-                written.append(False)
-                continue
-            written.append(True)
-            rows_to_write.append({**write.row, "replace": write.task_id in replaceable})
-            meta_rows.append(write.meta_row)
-            if write.status == states.SUCCESS:
-                protected.add(write.task_id)
-        if rows_to_write:
-            conn.executemany(_UPSERT_TASK, rows_to_write)
-            conn.executemany(_UPSERT_META, meta_rows)
-        return written
-
-    @staticmethod
-    def count_part(
-        group_id: str, field: str, payload: bytes, receipt: str, conn: sqlite3.Connection
-    ) -> PartCount | None:
-        """Count a chord part once (in the current transaction, under the write lock)."""
-        row = conn.execute(
-            "SELECT size, count, expires_at FROM aioresults_chord WHERE group_id = ?", (group_id,)
-        ).fetchone()
-        if row is None or (row[2] is not None and row[2] <= time.time()):
-            return None
-        size = int(row[0])
-        found = conn.execute(
-            "SELECT count, receipt FROM aioresults_chord_part WHERE group_id = ? AND field = ?",
-            (group_id, field),
-        ).fetchone()
-        if found is not None:
-            # A part counted by schema 1 has no count: it never completes again.
-            return PartCount(int(found[0] or 0), size, found[1] == receipt)
-        if int(row[1]) >= size:
-            return PartCount(size + 1, size, False)
-        (count,) = conn.execute(
-            "UPDATE aioresults_chord SET count = count + 1 WHERE group_id = ? RETURNING count",
-            (group_id,),
-        ).fetchone()
-        conn.execute(
-            "INSERT INTO aioresults_chord_part VALUES (?, ?, ?, ?, ?)",
-            (group_id, field, payload, count, receipt),
-        )
-        return PartCount(int(count), size, True)
