@@ -15,10 +15,10 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from ... import states
-from ..._exceptions import AioResultsError, DecodeError
 from ..._meta import ResultMeta
 from ..._serialization import Codec, exception_to_dict
 from .._chords import PartCount
+from .._sql._rows import TASK_COLUMNS, decode_group, decode_row, parse_date
 
 __all__ = [
     "DATE_FORMAT",
@@ -42,10 +42,6 @@ __all__ = [
 #: SQLite's default limit of bound parameters is 999 on old builds.
 CHUNK = 900
 DATE_FORMAT = "%Y-%m-%d %H:%M:%S.%f"  # SQLAlchemy's DATETIME text on SQLite: naive UTC
-TASK_COLUMNS = (
-    "task_id status result date_done traceback children name args kwargs worker retries queue "
-    "stamps".split()
-)
 
 # ---------------------------------------------------------------- reading
 
@@ -60,8 +56,6 @@ SELECT_GROUP = (
     "FROM celery_tasksetmeta AS s LEFT JOIN aioresults_group AS g "
     "ON g.group_id = s.taskset_id WHERE s.taskset_id = ?"
 )
-_ROW = (*TASK_COLUMNS, "has_meta", "expires_at", "group_id", "parent_id", "extra")
-_EXTENDED = ("name", "args", "kwargs", "worker", "retries", "queue")
 
 # cleanup(): statements whose deleted rows count, then the bookkeeping ones.
 CLEANUP_COUNTED = (
@@ -107,66 +101,6 @@ def format_date(value: dt.datetime) -> str:
     # The same text as strftime(DATE_FORMAT), at less than half its cost.
     text = value.isoformat(" ")
     return text if value.microsecond else text + ".000000"
-
-
-def parse_date(value: Any) -> dt.datetime | None:
-    """A stored ``date_done`` (naive UTC text) as an aware datetime."""
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise DecodeError(f"stored date_done is not a date: {value!r}")
-    try:
-        parsed = dt.datetime.fromisoformat(value)
-    except ValueError as exc:
-        raise DecodeError(f"stored date_done is not a date: {value!r}") from exc
-    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=dt.UTC)
-
-
-def decode_row(values: tuple[Any, ...], codec: Codec) -> ResultMeta:
-    """The meta of one row of :data:`SELECT_TASKS`."""
-    row = dict(zip(_ROW, values, strict=True))
-    task_id = row["task_id"]
-
-    def decoded(column: str) -> Any:
-        raw = row[column]
-        return None if raw is None else codec.decode(raw)
-
-    try:
-        data: dict[str, Any] = {
-            "status": row["status"] or states.PENDING,
-            "result": decoded("result"),
-            "traceback": row["traceback"],
-            "children": decoded("children"),
-            "date_done": parse_date(row["date_done"]),
-        }
-        data.update({k: row[k] for k in ("group_id", "parent_id") if row[k] is not None})
-        if any(row[k] is not None for k in _EXTENDED):
-            data.update({k: decoded(k) if k in ("args", "kwargs") else row[k] for k in _EXTENDED})
-        stamps = decoded("stamps")
-        if isinstance(stamps, dict):  # Celery's {"stamped_headers": [...], "stamps": {...}}
-            if "stamped_headers" in stamps:
-                data["stamped_headers"] = stamps["stamped_headers"]
-            if isinstance(stamps.get("stamps"), dict):
-                data.update(stamps["stamps"])
-        extra = decoded("extra")
-        if isinstance(extra, dict):
-            data.update(extra)
-        data["task_id"] = task_id
-        return ResultMeta.from_dict(data, task_id, codec.exception_from_dict)
-    except AioResultsError:
-        raise
-    except Exception as exc:  # a hostile payload must not take the reader down
-        raise DecodeError(f"cannot decode the result of {task_id!r}: {exc}") from exc
-
-
-def decode_group(group_id: str, payload: bytes, codec: Codec) -> list[Any]:
-    """A saved group's tuple (Celery's database backend stores it bare)."""
-    data = codec.decode(payload)
-    if isinstance(data, dict) and isinstance(data.get("result"), list):
-        data = data["result"]  # the key-value backends' wrapper, if copied here
-    if not isinstance(data, list):
-        raise DecodeError(f"saved group {group_id!r} is not in Celery's format")
-    return data
 
 
 # ---------------------------------------------------------------- writing
