@@ -306,7 +306,7 @@ async def test_custom_json_types_round_trip_with_kombu_and_fail_alone() -> None:
         await backend.aclose()
         kombu_json._encoders.pop(Money, None)
         kombu_json._decoders.pop("money-test", None)
-        from aioresults import _serialization
+        from aioresults import _json
 
-        _serialization._CUSTOM_ENCODERS.pop(Money, None)
-        _serialization._TAG_DECODERS.pop("money-test", None)
+        _json._CUSTOM_ENCODERS.pop(Money, None)
+        _json._TAG_DECODERS.pop("money-test", None)
