@@ -41,17 +41,14 @@ import logging
 import os
 import sqlite3
 import time
-import warnings
 from collections.abc import Sequence
+from functools import partial
 from typing import Any, ClassVar
-from urllib.parse import parse_qsl, unquote, urlsplit
 
 import anyio
 
 from ..._exceptions import (
     BackendClosed,
-    BackendCorrupted,
-    BackendError,
     BackendUnavailable,
     ConfigurationError,
     DecodeError,
@@ -63,9 +60,10 @@ from ..._runtime import shielded
 from .. import _inotify
 from .._chords import PartCount
 from .._feeds import Feed, wake_siblings
-from .._support import ErrorRule, ErrorTable, expires_at
+from .._support import expires_at
 from ..base import BaseBackend
 from . import _rows
+from ._options import error_table, url_path, watch_option
 from ._rows import Write, chunks, format_date, marks
 from ._schema import SCHEMA_VERSION
 from ._writer import FileSwapped, Writer, Writes
@@ -84,23 +82,6 @@ logger = logging.getLogger("aioresults.backends")
 #: After a burst of file events, look once more when it has been quiet this long:
 #: a commit's WAL write can be seen before its index update makes it visible.
 _SETTLE = 0.05
-
-
-def _is(*names: str) -> Any:
-    return lambda exc: (getattr(exc, "sqlite_errorname", "") or "").startswith(names)
-
-
-def _watch_option(watch: str, watch_mode: str | None) -> str:
-    if watch_mode is not None:  # the 0.1 spelling
-        warnings.warn(
-            "watch_mode= is deprecated since 0.2: use watch='auto', 'notify' or 'poll'",
-            DeprecationWarning,
-            stacklevel=4,
-        )
-        watch = {"inotify": "notify"}.get(watch_mode, watch_mode)
-    if watch not in ("auto", "notify", "poll"):
-        raise ConfigurationError(f'watch must be "auto", "notify" or "poll", not {watch!r}')
-    return watch
 
 
 class SQLiteBackend(BaseBackend):
@@ -142,7 +123,7 @@ class SQLiteBackend(BaseBackend):
     ) -> None:
         path = os.fspath(location)
         if path[:9].lower() == "sqlite://" or path[:12].lower() == "db+sqlite://":
-            path = _url_path(path, options)
+            path = url_path(path, options)
         if not path or path == ":memory:" or path.startswith("file:"):
             raise ConfigurationError(
                 f"SQLiteBackend needs a database file, not {path!r}: an in-memory database "
@@ -154,7 +135,7 @@ class SQLiteBackend(BaseBackend):
             )
         if synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
             raise ConfigurationError(f"unknown synchronous setting {synchronous!r}")
-        self.watch = _watch_option(watch, watch_mode)
+        self.watch = watch_option(watch, watch_mode)
         if self.watch == "notify" and not _inotify.available():
             raise ConfigurationError('watch="notify" needs Linux\'s inotify')
         self.path = os.path.abspath(path)
@@ -174,32 +155,7 @@ class SQLiteBackend(BaseBackend):
         self._closing = False
         # One reopening at a time, after the file was deleted or replaced.
         self._reopening = asyncio.Lock()  # asyncio's binds no loop until used
-        self._errors = ErrorTable(
-            [
-                ErrorRule(
-                    sqlite3.Error,
-                    BackendUnavailable,
-                    "the database is locked (busy_timeout passed) at",
-                    lambda e: _is("SQLITE_BUSY", "SQLITE_LOCKED")(e) or "locked" in str(e),
-                ),
-                ErrorRule(
-                    sqlite3.Error,
-                    BackendCorrupted,
-                    "not a SQLite database, or damaged:",
-                    _is("SQLITE_CORRUPT", "SQLITE_NOTADB"),
-                ),
-                ErrorRule(
-                    sqlite3.Error,
-                    BackendUnavailable,
-                    "cannot use",
-                    _is("SQLITE_CANTOPEN", "SQLITE_IOERR", "SQLITE_FULL", "SQLITE_READONLY"),
-                ),
-                ErrorRule(sqlite3.Error, BackendUnavailable, "cannot use", _is("SQLITE_PERM")),
-                ErrorRule(sqlite3.Error, BackendError, "failed on"),
-                ErrorRule(ValueError, BackendError, "failed (the connection is closed?) on"),
-            ],
-            lambda: self.path,
-        )
+        self._errors = error_table(lambda: self.path)
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> SQLiteBackend:
@@ -207,7 +163,7 @@ class SQLiteBackend(BaseBackend):
 
         :raises ConfigurationError: not a SQLite file URL (``:memory:`` included).
         """
-        path = _url_path(url, options)
+        path = url_path(url, options)
         return cls(path, url=url, **options)
 
     @property
@@ -443,18 +399,9 @@ class SQLiteBackend(BaseBackend):
         deadline = expires_at(self.expires)
         now = format_date(dt.datetime.now(dt.UTC))
 
-        def save(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "INSERT INTO celery_tasksetmeta (taskset_id, result, date_done) VALUES (?, ?, ?) "
-                "ON CONFLICT (taskset_id) DO UPDATE SET result = excluded.result, "
-                "date_done = excluded.date_done",
-                (group_id, payload, now),
-            )
-            conn.execute(
-                "INSERT OR REPLACE INTO aioresults_group VALUES (?, ?)", (group_id, deadline)
-            )
-
-        await self._transaction("saving a group", save)
+        await self._transaction(
+            "saving a group", partial(_rows.save_group, group_id, payload, now, deadline)
+        )
 
     async def _restore_group(self, group_id: str) -> list[Any] | None:
         _, reader = await self._checked()
@@ -468,25 +415,16 @@ class SQLiteBackend(BaseBackend):
         return _rows.decode_group(group_id, payload, self.codec)
 
     async def _delete_group(self, group_id: str) -> None:
-        def delete(conn: sqlite3.Connection) -> None:
-            conn.execute("DELETE FROM celery_tasksetmeta WHERE taskset_id = ?", (group_id,))
-            conn.execute("DELETE FROM aioresults_group WHERE group_id = ?", (group_id,))
-
-        await self._transaction("deleting a group", delete)
+        await self._transaction("deleting a group", partial(_rows.delete_group, group_id))
 
     # ------------------------------------------------------------ chords
 
     async def _chord_start(self, group_id: str, size: int) -> None:
         deadline = expires_at(self.chord_expires)
 
-        def start(conn: sqlite3.Connection) -> None:
-            conn.execute("DELETE FROM aioresults_chord_part WHERE group_id = ?", (group_id,))
-            conn.execute(
-                "INSERT OR REPLACE INTO aioresults_chord VALUES (?, ?, 0, ?)",
-                (group_id, size, deadline),
-            )
-
-        await self._transaction("starting a chord", start)
+        await self._transaction(
+            "starting a chord", partial(_rows.start_chord, group_id, size, deadline)
+        )
 
     async def _chord_count(
         self, group_id: str, part_id: str, payload: bytes, receipt: str
@@ -517,34 +455,7 @@ class SQLiteBackend(BaseBackend):
             cutoff = format_date(dt.datetime.fromtimestamp(now - self.expires, dt.UTC))
         params = {"now": now, "cutoff": cutoff}
 
-        def clean(conn: sqlite3.Connection) -> int:
-            deleted = sum(
-                max(conn.execute(sql, params).rowcount, 0) for sql in _rows.CLEANUP_COUNTED
-            )
-            for sql in _rows.CLEANUP_BOOKKEEPING:
-                conn.execute(sql, params)
-            return deleted
-
-        deleted: int = await self._transaction("deleting expired results", clean)
-        return deleted
-
-
-def _url_path(url: str, options: dict[str, Any]) -> str:
-    """The file a ``sqlite:///`` URL names; its query options go into ``options``."""
-    parts = urlsplit(url)
-    if parts.scheme.lower() not in SQLiteBackend.schemes:
-        raise ConfigurationError(f"not a sqlite:// URL: {url!r}")
-    if parts.netloc or not parts.path.startswith("/"):
-        raise ConfigurationError(
-            f"bad SQLite URL {url!r}: use sqlite:///relative/path.db "
-            "or sqlite:////absolute/path.db (three slashes, then the path)"
+        deleted: int = await self._transaction(
+            "deleting expired results", partial(_rows.clean, params)
         )
-    for key, value in parse_qsl(parts.query, keep_blank_values=True):
-        if key in ("busy_timeout", "timeout"):
-            try:
-                options.setdefault("busy_timeout", float(value))
-            except ValueError as exc:
-                raise ConfigurationError(f"{key} must be a number of seconds") from exc
-        elif key != "check_same_thread":  # pysqlite's; meaningless here
-            raise ConfigurationError(f"unknown option {key!r} in SQLite URL {url!r}")
-    return unquote(parts.path[1:])
+        return deleted

@@ -293,3 +293,39 @@ def count_part(
         (group_id, field, payload, count, receipt),
     )
     return PartCount(int(count), size, True)
+
+
+# ---------------------------------------------------------------- groups, chords, cleanup
+# (each runs in the writer's thread, inside a transaction)
+
+
+def save_group(
+    group_id: str, payload: bytes, now: str, deadline: float | None, conn: sqlite3.Connection
+) -> None:
+    conn.execute(
+        "INSERT INTO celery_tasksetmeta (taskset_id, result, date_done) VALUES (?, ?, ?) "
+        "ON CONFLICT (taskset_id) DO UPDATE SET result = excluded.result, "
+        "date_done = excluded.date_done",
+        (group_id, payload, now),
+    )
+    conn.execute("INSERT OR REPLACE INTO aioresults_group VALUES (?, ?)", (group_id, deadline))
+
+
+def delete_group(group_id: str, conn: sqlite3.Connection) -> None:
+    conn.execute("DELETE FROM celery_tasksetmeta WHERE taskset_id = ?", (group_id,))
+    conn.execute("DELETE FROM aioresults_group WHERE group_id = ?", (group_id,))
+
+
+def start_chord(group_id: str, size: int, deadline: float | None, conn: sqlite3.Connection) -> None:
+    conn.execute("DELETE FROM aioresults_chord_part WHERE group_id = ?", (group_id,))
+    conn.execute(
+        "INSERT OR REPLACE INTO aioresults_chord VALUES (?, ?, 0, ?)", (group_id, size, deadline)
+    )
+
+
+def clean(params: dict[str, Any], conn: sqlite3.Connection) -> int:
+    """Delete what expired; how many records and groups went."""
+    deleted = sum(max(conn.execute(sql, params).rowcount, 0) for sql in CLEANUP_COUNTED)
+    for sql in CLEANUP_BOOKKEEPING:
+        conn.execute(sql, params)
+    return deleted
