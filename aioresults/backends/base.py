@@ -249,9 +249,14 @@ class BaseBackend(Lifecycle, WorkerMixin, ABC):
             return []
         if not self._opened:
             await self._ensure_open()
+        return self._decode_many(ids, await self._read_raw(ids))
+
+    def _decode_many(self, task_ids: Sequence[str], raws: Sequence[Any]) -> list[ResultMeta]:
+        """The metas of raw records read for ``task_ids`` (None: PENDING; an
+        exception: raised). A store may override it with a faster loop."""
         decode = self._decode
         out = []
-        for task_id, raw in zip(ids, await self._read_raw(ids), strict=True):
+        for task_id, raw in zip(task_ids, raws, strict=True):
             if raw is None:
                 out.append(ResultMeta.pending(task_id))
             elif isinstance(raw, Exception):

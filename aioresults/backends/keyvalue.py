@@ -100,6 +100,28 @@ class KeyValueBackend(BaseBackend):
     def _decode(self, task_id: str, raw: Any) -> ResultMeta:
         return self._decode_payload(task_id, raw)
 
+    def _decode_many(self, task_ids: Sequence[str], raws: Sequence[Any]) -> list[ResultMeta]:
+        if type(self)._decode is not KeyValueBackend._decode:
+            return super()._decode_many(task_ids, raws)
+        # _decode_payload, inlined: a join of thousands decodes every one of them.
+        decode, from_dict = self.codec.decode, ResultMeta.from_dict
+        exceptions = self.codec.exception_from_dict
+        out: list[ResultMeta] = []
+        append = out.append
+        for task_id, raw in zip(task_ids, raws, strict=True):
+            if raw is None:
+                append(ResultMeta.pending(task_id))
+                continue
+            if isinstance(raw, Exception):
+                raise raw
+            try:
+                append(from_dict(decode(raw), task_id, exceptions))
+            except AioResultsError:
+                raise
+            except Exception as exc:  # a hostile payload must not take the reader down
+                raise DecodeError(f"cannot decode the result of {task_id!r}: {exc}") from exc
+        return out
+
     async def _write_meta(self, meta: ResultMeta) -> bool:
         return await self._set_guarded(
             self.task_key(meta.task_id), self.encode_meta(meta), self.expires

@@ -53,14 +53,12 @@ from ..._exceptions import (
     BackendError,
     BackendUnavailable,
     ConfigurationError,
-    DecodeError,
     MissingDependency,
 )
-from ..._meta import ResultMeta
 from .._chords import PartCount
 from .._feeds import Feed
 from .._support import ErrorRule, ErrorTable, milliseconds
-from ..base import BaseBackend, redact_url, validate_id
+from ..base import redact_url
 from ..keyvalue import KeyValueBackend
 
 try:
@@ -197,7 +195,6 @@ class RedisBackend(KeyValueBackend):
         # instead of queueing callers as the single server's blocking pool does.
         self._limit: contextlib.AbstractAsyncContextManager[Any] = contextlib.nullcontext()
         self._commands: Commands
-        self._exceptions = self.codec.exception_from_dict
         self._errors = ErrorTable(
             [
                 ErrorRule(
@@ -389,44 +386,6 @@ class RedisBackend(KeyValueBackend):
     async def _read_raw(self, task_ids: Sequence[str]) -> Sequence[Any]:
         prefix = self.global_keyprefix + self.task_keyprefix
         return await self._mget([prefix + t for t in task_ids])
-
-    async def get_many(self, task_ids: Sequence[str]) -> list[ResultMeta]:
-        """See :meth:`BaseBackend.get_many`; the same, with the per-record decode
-        inlined (a join of thousands decodes every one of them)."""
-        cls = type(self)
-        if cls._decode is not RedisBackend._decode or cls._check_id is not BaseBackend._check_id:
-            return await super().get_many(task_ids)
-        ids = [validate_id(t) for t in task_ids]
-        if not ids:
-            return []
-        if not self._opened:
-            await self._ensure_open()
-        raws = await self._read_raw(ids)
-        decode, from_dict, exceptions = self.codec.decode, ResultMeta.from_dict, self._exceptions
-        out: list[ResultMeta] = []
-        append = out.append
-        for task_id, raw in zip(ids, raws, strict=True):
-            if raw is None:
-                append(ResultMeta.pending(task_id))
-                continue
-            if isinstance(raw, Exception):
-                raise raw
-            try:
-                append(from_dict(decode(raw), task_id, exceptions))
-            except AioResultsError:
-                raise
-            except Exception as exc:  # a hostile payload must not take the reader down
-                raise DecodeError(f"cannot decode the result of {task_id!r}: {exc}") from exc
-        return out
-
-    def _decode(self, task_id: str, raw: Any) -> ResultMeta:
-        # _decode_payload, one call shallower: joins decode thousands of these.
-        try:
-            return ResultMeta.from_dict(self.codec.decode(raw), task_id, self._exceptions)
-        except AioResultsError:
-            raise
-        except Exception as exc:  # a hostile payload must not take the reader down
-            raise DecodeError(f"cannot decode the result of {task_id!r}: {exc}") from exc
 
     async def _set(self, key: str, value: bytes, ttl: float | None) -> None:
         try:
