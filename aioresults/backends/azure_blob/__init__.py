@@ -55,13 +55,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import time
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from ..._exceptions import (
-    AioResultsError,
     BackendCorrupted,
     BackendUnavailable,
     ConfigurationError,
@@ -71,7 +68,8 @@ from ..._exceptions import (
 from .._chords import PartCount
 from ..base import redact_url
 from ..keyvalue import KeyValueBackend
-from ._client import NOT_MODIFIED, Blob, Blobs, container_missing, live
+from ._client import Blob, Blobs, container_missing, live
+from ._reads import ConditionalReads
 from ._swap import Swapper
 
 __all__ = ["AzureBlockBlobBackend"]
@@ -188,11 +186,10 @@ class AzureBlockBlobBackend(KeyValueBackend):
         self._errors = self._blobs.errors
         self._swap = Swapper(self._blobs, self._create_container_again, self._ensure_open)
         # key -> the last blob seen, for each watched record: polls ask "changed since?".
-        self._seen: dict[str, Blob] = {}
+        self._conditional = ConditionalReads(
+            self._blobs, list_threshold, self._watched_key, lambda: repr(self)
+        )
         self._reads = self._batcher(self._read_batch, "azure reads")
-        # Blobs seen by the last listing (more than its limit if it stopped early).
-        self._listed_size = 0
-        self._list_again_at = 0.0
 
     def __repr__(self) -> str:
         return (
@@ -255,7 +252,7 @@ class AzureBlockBlobBackend(KeyValueBackend):
         return True
 
     async def _close(self) -> None:
-        self._seen.clear()
+        self._conditional.seen.clear()
         self._swap.forget_all()
         await self._blobs.close()
 
@@ -291,72 +288,8 @@ class AzureBlockBlobBackend(KeyValueBackend):
 
     async def _read_batch(self, batches: list[list[str]]) -> list[list[Any]]:
         keys = list(dict.fromkeys(k for batch in batches for k in batch))
-        found = dict(zip(keys, await self._resolve(keys), strict=True))
+        found = dict(zip(keys, await self._conditional.resolve(keys), strict=True))
         return [[found[k] for k in batch] for batch in batches]
-
-    async def _resolve(self, keys: list[str]) -> list[bytes | None | Exception]:
-        """Read ``keys``: watched ones with conditional GETs (an unchanged blob costs
-        a 304), after a listing that answers for missing and unchanged blobs when
-        the batch is large and the container small."""
-        listed, complete = await self._scan(keys)
-        results: dict[str, Blob | None | Exception] = {}
-        for key in keys:
-            blob = listed.get(key)
-            old = self._seen.get(key)
-            if (blob is None and complete) or (blob is not None and not live(blob.metadata)):
-                results[key] = None
-            elif blob is not None and old is not None and _same(old.etag, blob.etag):
-                results[key] = old
-
-        async def fetch(key: str) -> None:
-            old = self._seen.get(key)
-            try:
-                with self._errors.translating(f"reading {key}"):
-                    got = await self._blobs.fetch(key, old.etag if old is not None else None)
-            except AioResultsError as exc:
-                results[key] = exc
-            else:
-                results[key] = old if got is NOT_MODIFIED else got
-
-        await self._blobs.gather(fetch, [key for key in keys if key not in results])
-        out: list[bytes | None | Exception] = []
-        for key in keys:
-            result = results[key]
-            if isinstance(result, Exception):
-                out.append(result)
-                continue
-            if self._watched_key(key):
-                if result is None:
-                    self._seen.pop(key, None)
-                else:
-                    self._seen[key] = result
-            out.append(result.payload if result is not None and result.live() else None)
-        return out
-
-    def _watched_key(self, key: str) -> bool:
-        prefix = self.global_keyprefix + self.task_keyprefix
-        return key.startswith(prefix) and key[len(prefix) :] in self._hub.watched
-
-    async def _scan(self, keys: list[str]) -> tuple[dict[str, Any], bool]:
-        """List the blobs that may hold ``keys`` if that is cheaper than a GET each:
-        ``({key: listed blob}, whether the listing was complete)``."""
-        # A listed blob costs about a quarter of a GET, in the client and the service.
-        limit = 2 * len(keys)
-        if not self.list_threshold or len(keys) < self.list_threshold:
-            return {}, False
-        if self._listed_size > limit and time.monotonic() < self._list_again_at:
-            return {}, False
-        prefix = os.path.commonprefix([self.blob_name(key) for key in keys])
-        try:
-            with self._errors.translating("listing results"):
-                blobs, complete = await self._blobs.list_blobs(prefix, min(limit, 5000))
-        except AioResultsError as exc:
-            logger.debug("%r: listing failed; reading one by one: %s", self, exc)
-            return {}, False
-        # Too many blobs to list: do not try again for a while.
-        self._listed_size = len(blobs) if complete else limit + 1
-        self._list_again_at = time.monotonic() + 300.0
-        return {blob.name[len(self.base_path) :]: blob for blob in blobs}, complete
 
     # ------------------------------------------------------------ writes
 
@@ -454,10 +387,14 @@ class AzureBlockBlobBackend(KeyValueBackend):
 
     # ------------------------------------------------------------ waiting
 
+    def _watched_key(self, key: str) -> bool:
+        prefix = self.global_keyprefix + self.task_keyprefix
+        return key.startswith(prefix) and key[len(prefix) :] in self._hub.watched
+
     def _unwatched(self, task_ids: Sequence[str]) -> None:
         """No waiter waits for these any more: forget their last blobs."""
         for task_id in task_ids:
-            self._seen.pop(self.task_key(task_id), None)
+            self._conditional.seen.pop(self.task_key(task_id), None)
 
 
 def _own_copy(error: BaseException) -> BaseException:
@@ -473,8 +410,3 @@ def _own_copy(error: BaseException) -> BaseException:
 
 def _bad_segment(segments: Sequence[str]) -> bool:
     return any(s in (".", "..") or "\\" in s for s in segments)
-
-
-def _same(etag: str, listed_etag: str) -> bool:
-    # A listing gives ETags without the quotes that response headers have.
-    return etag.strip('"') == listed_etag.strip('"')
