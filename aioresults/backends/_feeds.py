@@ -127,7 +127,7 @@ class Feed(ABC):
 async def run_feed(hub: WaiterHub, feed: Feed) -> None:
     """The loop around ``feed``: sessions, with back-off between them."""
     backoff = Backoff(0.05, 1.0)
-    while True:
+    while not hub.closed:
         sessions = feed.sessions
         try:
             await feed.session()
@@ -155,7 +155,9 @@ async def run_poller(hub: WaiterHub, min_interval: float, max_interval: float) -
     """
     interval = min_interval
     seen = hub.registrations
-    while True:
+    # Stops once the hub is closed, even under a driver that swallowed the
+    # cancellation meant to end it.
+    while not hub.closed:
         await hub.wait_watched()
         try:
             changed = await hub.refresh()

@@ -97,6 +97,11 @@ class WaiterHub:
 
     # ------------------------------------------------------------ inspection
 
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed is not None
+
     def __len__(self) -> int:
         """The number of registered waiters."""
         return self._registered

@@ -26,7 +26,9 @@ See the "Writing a backend" page of the documentation for a walk-through.
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import logging
+import os
 import re
 import uuid
 from abc import ABC, abstractmethod
@@ -166,6 +168,8 @@ class BaseBackend(Lifecycle, WorkerMixin, ABC):
         #: Whether a missing store is created (see ``create``).
         self.create = bool(create)
         self._init_lifecycle(poll_interval, max_poll_interval)
+        self._receipt_prefix = os.urandom(8).hex() + "-"
+        self._receipts = itertools.count()
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} url={redact_url(self.url)!r}>"
@@ -334,7 +338,9 @@ class BaseBackend(Lifecycle, WorkerMixin, ABC):
         await self._ensure_open()
         part_id = task_id if index is None else f"{task_id}:{index}"
         payload = encode_part(self.codec, task_id, index, state, value)
-        counted = await self._chord_count(group_id, part_id, payload, uuid.uuid4().hex)
+        # A receipt per call: unique to this backend (a random prefix) and call.
+        receipt = f"{self._receipt_prefix}{next(self._receipts):x}"
+        counted = await self._chord_count(group_id, part_id, payload, receipt)
         return await chord_outcome(self, group_id, task_id, counted)
 
     # ------------------------------------------------------------ housekeeping
