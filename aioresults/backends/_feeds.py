@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import anyio
@@ -104,6 +104,44 @@ class Feed(ABC):
         self.sessions += 1
         self.set_up(True)
         self.hub.resynced(self)
+
+    # What a feed tells the hub, and asks it: the whole of its interface.
+
+    def deliver(self, task_id: str, raw: Any) -> None:
+        """A push feed's new record of ``task_id`` (see :meth:`WaiterHub.deliver`)."""
+        self.hub.deliver(task_id, raw)
+
+    def changed(self, task_ids: Collection[str] | None = None) -> None:
+        """A signal feed's news: ``task_ids`` (None: any) may have changed."""
+        self.hub.changed(task_ids)
+
+    @property
+    def watched(self) -> Collection[str]:
+        """The ids some waiter waits for."""
+        return self.hub.watched
+
+    async def wait_watched(self) -> None:
+        """Return once some id is watched."""
+        await self.hub.wait_watched()
+
+    def refresh_soon(self, task_ids: Collection[str] | None = None) -> None:
+        """Re-read ``task_ids`` (None: every watched id), retrying until it works."""
+        self.hub.refresh_soon(task_ids)
+
+    def fall_back_to_polling(self) -> None:
+        """Have the hub's poller run beside (or instead of) this feed from now on."""
+        self.hub.fall_back_to_polling()
+
+    def adopt(self, feed: Feed) -> None:
+        """Make ``feed`` a part of this one (a cluster's feed of one node)."""
+        feed.bind(self.hub)
+
+    async def run_part(self, feed: Feed) -> None:
+        """Run an adopted feed's sessions, with the hub's back-off between them."""
+        await run_feed(self.hub, feed)
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """The backend closed: answer whatever still waits on this feed."""
 
     def sessions_by_node(self) -> dict[str, int]:
         """Sessions per node, for a feed that has several (a cluster's masters)."""

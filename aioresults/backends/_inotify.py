@@ -162,16 +162,16 @@ class InotifyFeed(Feed):
             self.resynced()
             pending = False
             while True:
-                if not self.hub.watched:
+                if not self.watched:
                     pending = False
-                    await self.hub.wait_watched()
+                    await self.wait_watched()
                 events: list[tuple[int, int, str]] | None = None
                 if pending and self._settle:
                     with anyio.move_on_after(self._settle):
                         events = await ino.read()
                     if events is None:
                         pending = False
-                        self.hub.changed(None)
+                        self.changed(None)
                         continue
                 else:
                     events = await ino.read()
@@ -187,11 +187,11 @@ class InotifyFeed(Feed):
                         if found is None:
                             every = True
                         else:
-                            ids.extend(i for i in found if i in self.hub.watched)
+                            ids.extend(i for i in found if i in self.watched)
                 if every:
-                    self.hub.changed(None)
+                    self.changed(None)
                 elif ids:
-                    self.hub.changed(ids)
+                    self.changed(ids)
                 else:
                     continue
                 pending = True

@@ -152,6 +152,8 @@ class Lifecycle:
                 self._open_scope.cancel()
             await self._opening.wait()  # let the open end, then undo what it did
         await self._tasks.aclose()
+        if self._hub.feed is not None:
+            self._hub.feed.close()
         if self._sibling_key is not None:
             leave_siblings(self._sibling_key, self._hub)
         if self._opened:
@@ -217,6 +219,11 @@ class Lifecycle:
             refreshes=hub.refreshes,
             sessions_by_node=hub.feed.sessions_by_node() if hub.feed is not None else {},
         )
+
+    def _is_watched(self, task_id: str) -> bool:
+        """Whether some waiter waits for ``task_id`` (for stores that keep
+        something per watched id)."""
+        return task_id in self._hub.watched
 
     # ------------------------------------------------------------ optional hooks
 

@@ -165,6 +165,8 @@ class RPCBackend(NoGroupsOrChords, BaseBackend):
             self._on_reply,
             self._errors,
         )
+        #: Replies reach the hub through it.
+        self._replies = ReplyFeed(self._consumer)
         self._publisher = Publisher(
             lambda: self._connect("publisher"),
             lambda channel: declare_reply_queue(channel, self._queue, self._queue_arguments),
@@ -237,7 +239,7 @@ class RPCBackend(NoGroupsOrChords, BaseBackend):
         await self._publisher.close()
 
     def _feed(self) -> Feed:
-        return ReplyFeed(self._consumer)
+        return self._replies
 
     def _on_reply(self, task_id: str | None, raw: bytes, redelivered: bool) -> None:
         if task_id is None:  # old Celery versions name the task in the body only
@@ -252,7 +254,7 @@ class RPCBackend(NoGroupsOrChords, BaseBackend):
             logger.warning("%r: dropped a reply: %s", self, exc)
             return
         if self._buffer.put(task_id, raw, redelivered=redelivered):
-            self._hub.deliver(task_id, raw)
+            self._replies.deliver(task_id, raw)
 
     def _is_success(self, task_id: str, raw: bytes) -> bool:
         try:

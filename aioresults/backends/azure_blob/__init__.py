@@ -389,7 +389,7 @@ class AzureBlockBlobBackend(KeyValueBackend):
 
     def _watched_key(self, key: str) -> bool:
         prefix = self.global_keyprefix + self.task_keyprefix
-        return key.startswith(prefix) and key[len(prefix) :] in self._hub.watched
+        return key.startswith(prefix) and self._is_watched(key[len(prefix) :])
 
     def _unwatched(self, task_ids: Sequence[str]) -> None:
         """No waiter waits for these any more: forget their last blobs."""

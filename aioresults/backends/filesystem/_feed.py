@@ -53,7 +53,7 @@ class ResultFeed(_inotify.InotifyFeed):
         if not name.startswith(self._prefix):
             return []
         task_id = name[len(self._prefix) :]
-        if task_id not in self.hub.watched:
+        if task_id not in self.watched:
             return []
         now = time.monotonic()
         if now - self._window > INLINE_WINDOW:
@@ -72,5 +72,5 @@ class ResultFeed(_inotify.InotifyFeed):
             and not backend._decodes(task_id, payload)
         ):
             return [task_id]
-        self.hub.deliver(task_id, payload)
+        self.deliver(task_id, payload)
         return []

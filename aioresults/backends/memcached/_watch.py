@@ -86,7 +86,7 @@ class MutationFeed(Feed):
         return reader, writer
 
     async def _read(self, node: Node, reader: asyncio.StreamReader) -> None:
-        hub = self.hub
+        hub = self  # the feed's own view of its hub
         needle = b" key=" + self._prefix
         skip = len(needle)
         while True:

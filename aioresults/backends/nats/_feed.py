@@ -63,7 +63,7 @@ class WatchFeed(Feed):
         if nc is None or not nc.is_connected:
             raise ConnectionError("not connected to NATS")
         loop = asyncio.get_running_loop()
-        hub = self.hub
+        hub = self  # the feed's own view of its hub
         prefix = f"{bucket.prefix}{self._kind_token}."
         ended = asyncio.Event()
         why: list[str] = []

@@ -132,6 +132,8 @@ class PostgresBackend(SQLBackend):
         notify_trigger = bool(options.pop("notify_trigger", notify_trigger))
         options.setdefault("url", location)
         super().__init__(**options)
+        #: The LISTEN feed (its poller beside it when no trigger can be made).
+        self._listen = ListenFeed(self)
         self._dsn = urlunsplit(("postgresql", parts.netloc, parts.path, urlencode(query), ""))
         self._listen_dsn = self._dsn
         if listen_url is not None:
@@ -226,9 +228,8 @@ class PostgresBackend(SQLBackend):
             raise
         self._sql = Statements(self.names, layout)
         self._channel = layout.channel
-        feed = self._hub.feed
-        if feed is not None and not layout.trigger:
-            feed.poll_too = True  # writes of others are polled for (see _listen)
+        if not layout.trigger:
+            self._listen.poll_too = True  # writes of others are polled for (see _listen)
 
     async def _close(self) -> None:
         writer, self._writer = self._writer, None
@@ -249,7 +250,7 @@ class PostgresBackend(SQLBackend):
                 pool.terminate()
 
     def _feed(self) -> Feed:
-        return ListenFeed(self)
+        return self._listen
 
     async def _listen_connection(self) -> asyncpg.Connection:
         """A new connection for the LISTEN feed (it reconnects as the hub says)."""

@@ -73,7 +73,7 @@ class ListenFeed(Feed):
         return f"the LISTEN feed of {self._backend!r}"
 
     def _notified(self, conn: object, pid: int, channel: str, task_id: str) -> None:
-        self.hub.changed((task_id,))
+        self.changed((task_id,))
 
     async def session(self) -> None:
         backend = self._backend
@@ -88,7 +88,7 @@ class ListenFeed(Feed):
                 # Nothing tells about writes of others: the poller finds them.
                 logger.info("%r: no NOTIFY trigger on the task table; polling too", backend)
                 self.poll_too = True
-                self.hub.fall_back_to_polling()
+                self.fall_back_to_polling()
             self.resynced()
             await lost.wait()
             raise ConnectionError("the LISTEN connection was closed")

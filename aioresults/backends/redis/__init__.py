@@ -316,9 +316,6 @@ class RedisBackend(KeyValueBackend):
         return endpoint.describe()
 
     async def _close(self) -> None:
-        feed = self._hub.feed
-        if isinstance(feed, (Subscriber, ClusterFeed)):
-            feed.close()
         self._commands.close(BackendClosed(f"{self!r} was closed"))
         if self._owns_client and self._client is not None:
             client, self._client = self._client, None

@@ -23,7 +23,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
 from ..._exceptions import BackendError, BackendUnavailable
-from .._feeds import Feed, run_feed
+from .._feeds import Feed
 from .._support import Backoff
 from ._subscriber import CONNECT_TIMEOUT, Rerouted, Subscriber
 
@@ -86,7 +86,7 @@ class ClusterFeed(Feed):
         async def run() -> None:
             try:
                 with scope:
-                    await run_feed(self.hub, shard)
+                    await self.run_part(shard)
             finally:
                 if self._scopes.get(name) is scope:
                     del self._scopes[name]
@@ -104,7 +104,7 @@ class ClusterFeed(Feed):
         shard = self.shards.get(node.name)
         if shard is None:
             shard = Subscriber(self._backend, self._interval, node.name, self)
-            shard.bind(self.hub)
+            self.adopt(shard)
             self.shards[node.name] = shard
             self._run_shard(node.name, shard)
         return shard
@@ -219,11 +219,11 @@ class ClusterFeed(Feed):
         backoff = Backoff(0.05, 1.0)
         while True:
             # Ids whose waiters left meanwhile were unwatched nowhere: leave them out.
-            ids = [i for i in ids if i in self.hub.watched]
+            ids = [i for i in ids if i in self.watched]
             try:
                 await self.watch(ids)
                 break
             except Exception as exc:
                 logger.warning("subscribing moved channels of %r failed: %s", self, exc)
                 await backoff.sleep()
-        self.hub.refresh_soon(ids)
+        self.refresh_soon(ids)

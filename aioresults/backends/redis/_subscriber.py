@@ -105,7 +105,7 @@ class Subscriber(Feed):
     @property
     def watched(self) -> Collection[str]:
         """The ids watched through this connection (subscribed, or about to be)."""
-        return self.hub.watched if self._own is None else self._own
+        return super().watched if self._own is None else self._own
 
     def resync_ids(self) -> Sequence[str]:
         return self._resynced
@@ -278,7 +278,7 @@ class Subscriber(Feed):
                 if kind == b"message" or kind == b"smessage":
                     if channel.startswith(self._prefix):
                         task_id = channel[len(self._prefix) :].decode("utf-8", "replace")
-                        self.hub.deliver(task_id, reply[2])
+                        self.deliver(task_id, reply[2])
                 elif kind == b"sunsubscribe" and channel.startswith(self._prefix):
                     # Not ours (ours leave only unwanted ids): the master gave the
                     # slot away and dropped the channel. Find its new master.
