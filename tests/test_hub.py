@@ -190,6 +190,66 @@ async def test_a_slow_read_never_overwrites_a_newer_push(store: FakeStore) -> No
         assert not w.pending()  # the stale read's PENDING was dropped
 
 
+class FakeSignal(Feed):
+    """A signal feed: the test says which ids may have changed."""
+
+    kind = "signal"
+
+    async def session(self) -> None:
+        self.resynced()
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+class SnapshotStore(FakeStore):
+    """Each read sees the store as it was when the read began, and takes the
+    next of ``delays`` to answer: reads overtake each other as on a pool."""
+
+    def __init__(self, delays: list[float]) -> None:
+        super().__init__()
+        self.delays = delays
+
+    async def _read_raw(self, task_ids: Sequence[str]) -> list[Any]:
+        self.reads.append(list(task_ids))
+        seen = [self.data.get(t) for t in task_ids]
+        await asyncio.sleep(self.delays.pop(0) if self.delays else 0)
+        return seen
+
+
+@pytest.mark.parametrize("first_read", [0.05, 0.15], ids=["first-read-ends-first", "last"])
+async def test_a_signal_during_the_first_read_is_never_lost(first_read: float) -> None:
+    # The first read began before the write, the re-read the signal asked for
+    # after it; whichever answers last, the waiter gets the result.
+    store = SnapshotStore([first_read, 0.1])
+    try:
+        hub = WaiterHub(store, FakeSignal(), "hub")
+        async with hub.waiter(["t"], ready_only=True) as w:
+            while not store.reads:
+                await asyncio.sleep(0.001)
+            store.put("t", "SUCCESS", 5)
+            hub.changed(["t"])
+            assert (await next_meta(w)).result == 5
+            assert len(store.reads) == 2
+    finally:
+        await store.aclose()
+
+
+async def test_a_read_that_began_before_a_change_never_undoes_it() -> None:
+    store = SnapshotStore([0.2, 0.0])
+    try:
+        hub = WaiterHub(store, FakeSignal(), "hub")
+        async with hub.waiter(["t"]) as w:
+            while not store.reads:
+                await asyncio.sleep(0.001)  # the first read saw no record; it answers last
+            store.put("t", "SUCCESS", 5)
+            hub.changed(["t"])
+            assert (await next_meta(w)).result == 5
+            await asyncio.sleep(0.25)
+            assert not w.pending()  # the first read's PENDING was dropped
+    finally:
+        await store.aclose()
+
+
 async def test_a_reconnect_rereads_every_watched_id(store: FakeStore) -> None:
     feed = FakePush()
     hub = WaiterHub(store, feed, "hub")

@@ -64,10 +64,13 @@ class WaiterHub:
         #: Waiters by watched id: usually one (kept bare), a list when there are more.
         self.watched: dict[str, Waiter | list[Waiter]] = {}
         # The last record seen per id (ids with no record have none), and, while
-        # reads are in flight, a count of changes per id since they began, so a
-        # slow read never overwrites a newer record.
+        # reads are in flight, the stamp of what was last handed out per id: a
+        # read is stamped when it starts and a push when it arrives, so a read
+        # that started before the news it would overwrite is dropped, while one
+        # that started after it (it may carry newer news) is not.
         self._last: dict[str, Record] = {}
         self._versions: dict[str, int] = {}
+        self._stamp = 0
         self._reads = 0
         self._registered = 0
         self._to_watch: set[str] = set()
@@ -258,21 +261,21 @@ class WaiterHub:
         ids = list(dict.fromkeys(i for w in readers for i in w.ids if i in self.watched))
         if not ids:
             return
-        versions = self._versions
         self._reads += 1
+        self._stamp += 1
+        stamp = self._stamp
         try:
-            before = [versions.get(i, 0) for i in ids] if versions else [0] * len(ids)
             try:
                 raws = await self._source._read_raw(ids)
             except Exception as exc:
                 self._fail(readers, exc)
                 return
-            self._settled(ids, before, raws, readers)
+            self._settled(ids, stamp, raws, readers)
         finally:
             self._done_reading()
 
     def _settled(
-        self, ids: list[str], before: list[int], raws: Sequence[Any], readers: set[Waiter]
+        self, ids: list[str], stamp: int, raws: Sequence[Any], readers: set[Waiter]
     ) -> None:
         versions = self._versions
         last_seen = self._last
@@ -280,14 +283,16 @@ class WaiterHub:
         decode = self._source._decode
         # Change counts matter to other reads in flight only.
         others = self._reads > 1
-        for task_id, version, raw in zip(ids, before, raws, strict=True):
-            if versions and versions.get(task_id, 0) != version:
-                continue  # a newer record was delivered while we read
+        for task_id, raw in zip(ids, raws, strict=True):
+            if versions and versions.get(task_id, 0) > stamp:
+                continue  # news that this read may predate was handed out meanwhile
             last = last_seen.get(task_id) if last_seen else None
             if last is not None and last.raw != raw:
                 # Earlier waiters hold an older record and no push may follow:
                 # this read is news for them too.
-                self.deliver(task_id, raw)
+                if others:
+                    versions[task_id] = stamp
+                self._hand_out(task_id, raw)
                 continue
             record: Record | None
             if isinstance(raw, Exception):
@@ -300,8 +305,8 @@ class WaiterHub:
                 if record is not None:
                     last_seen[task_id] = record
                 if others:
-                    # A refresh that started before this read must not deliver an older record.
-                    versions[task_id] = version + 1
+                    # A read that started before this one must not hand out an older record.
+                    versions[task_id] = stamp
             found = watched.get(task_id)
             if found is None:
                 continue
@@ -312,7 +317,7 @@ class WaiterHub:
                     waiter._put(record)
 
     def _done_reading(self) -> None:
-        # Change counts matter only to reads in flight: none, none kept.
+        # Stamps matter only to reads in flight: none, none kept.
         self._reads -= 1
         if not self._reads:
             self._versions.clear()
@@ -323,6 +328,13 @@ class WaiterHub:
         """Hand a new record of ``task_id`` (as the store gave it; None: none,
         an exception: it could not be read) to its waiters, unless it is the
         one they have."""
+        if self._reads:
+            # Reads in flight that started before this news must not undo it.
+            self._stamp += 1
+            self._versions[task_id] = self._stamp
+        self._hand_out(task_id, raw)
+
+    def _hand_out(self, task_id: str, raw: Any) -> None:
         found = self.watched.get(task_id)
         if found is None:
             return
@@ -340,8 +352,6 @@ class WaiterHub:
                 del self._last[task_id]
             else:
                 self._last[task_id] = record
-        if self._reads:
-            self._versions[task_id] = self._versions.get(task_id, 0) + 1
         if type(found) is Waiter:
             if raw is not None or not found.ready_only:
                 found._put(record)
@@ -377,8 +387,9 @@ class WaiterHub:
         self.refreshes += 1
         versions = self._versions
         self._reads += 1
+        self._stamp += 1
+        stamp = self._stamp
         try:
-            before = [versions.get(i, 0) for i in ids] if versions else [0] * len(ids)
             raws = await self._source._read_raw(ids)
             for raw in raws:
                 if isinstance(raw, BackendUnavailable):
@@ -386,13 +397,16 @@ class WaiterHub:
                     # waiters (they keep waiting); the caller tries again.
                     raise raw
             changed = 0
-            for task_id, version, raw in zip(ids, before, raws, strict=True):
-                if versions.get(task_id, 0) != version:
-                    continue
+            others = self._reads > 1
+            for task_id, raw in zip(ids, raws, strict=True):
+                if versions and versions.get(task_id, 0) > stamp:
+                    continue  # news that this read may predate was handed out meanwhile
                 last = self._last.get(task_id)
                 if (last.raw if last is not None else None) != raw:
                     changed += 1
-                    self.deliver(task_id, raw)
+                    if others:
+                        versions[task_id] = stamp
+                    self._hand_out(task_id, raw)
             return changed
         finally:
             self._done_reading()

@@ -439,7 +439,12 @@ async def test_join_in_order_and_as_completed_in_completion_order(
     for i in order:
         next_one.clear()
         await writer.mark_as_done(ids[i], i)
-        await asyncio.wait_for(next_one.wait(), 10)
+        woken = asyncio.create_task(next_one.wait())
+        await asyncio.wait([woken, consumer], timeout=10, return_when=asyncio.FIRST_COMPLETED)
+        woken.cancel()
+        if consumer.done() and not next_one.is_set():
+            await consumer  # its own error, if it failed
+        assert next_one.is_set(), f"{ids[i]} was stored but as_completed did not yield it"
     await consumer
     assert completed == [ids[i] for i in order]
     fresh: ar.ResultSet[Any] = ar.ResultSet([ar.AsyncResult(i, reader) for i in ids])
