@@ -192,11 +192,19 @@ class ResultSet(Generic[T]):
             except TimeoutError:
                 assert timeout is not None
                 raise ResultTimeout([r.id for r in unread], timeout) from None
+            ready_states, failed = states.READY_STATES, states.PROPAGATE_STATES
+            waiting = False
             for result, meta in zip(unread, metas, strict=True):
-                result._remember(meta)
-                if propagate and meta.status in states.PROPAGATE_STATES:
-                    value_of(meta, propagate=True)
-        if any(r._meta is None for r in self.results):
+                status = meta.status
+                if status in ready_states:  # result._remember(meta), inlined: joins of thousands
+                    result._meta = meta
+                    if propagate and status in failed:
+                        value_of(meta, propagate=True)
+                else:
+                    waiting = True
+        else:
+            waiting = False
+        if waiting:
             if timeout == 0:
                 raise ResultTimeout([r.id for r in self.results if r._meta is None], 0)
             remaining = None if deadline is None else deadline - _runtime.now()
@@ -215,7 +223,14 @@ class ResultSet(Generic[T]):
             for result in self.results:  # duplicates of one id share its record
                 if result._meta is None:
                     result._remember(by_id[result.id]._meta)  # type: ignore[arg-type]
-        return [value_of(r._meta, propagate) for r in self.results if r._meta is not None]
+        values: list[Any] = []
+        append, success = values.append, states.SUCCESS
+        for result in self.results:
+            done = result._meta
+            assert done is not None
+            # value_of(done, propagate), inlined for the common case.
+            append(done.result if done.status == success else value_of(done, propagate))
+        return values
 
     async def as_completed(
         self, timeout: float | None = None

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from typing import Any
 
 import pytest
 
 import aioresults as ar
-from aioresults import ResultMeta, states
+from aioresults import DecodeError, ResultMeta, states
+from aioresults._meta import _BASIC
 
 # Captured from a Celery 5.7 worker with result_extended and a group (see the reference notes).
 CELERY_STORED = (
@@ -91,3 +93,54 @@ def test_pending_and_custom_states() -> None:
 def test_malformed_records(bad: object) -> None:
     with pytest.raises(ar.DecodeError):
         ResultMeta.from_dict(bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        {
+            "status": "SUCCESS",
+            "result": 3,
+            "traceback": None,
+            "children": [],
+            "task_id": "t",
+            "date_done": "2026-01-02T03:04:05.123456+00:00",
+        },
+        {"status": "SUCCESS", "result": {"a": [1]}, "date_done": None},
+        {"status": "SUCCESS", "result": 1, "task_id": "other"},
+        {"status": "SUCCESS", "result": 1, "date_done": "yesterday"},
+        {"status": "SUCCESS", "result": 1, "date_done": 5},
+        {"status": "SUCCESS", "result": 1, "group_id": "g"},
+        {"status": "FAILURE", "result": {"exc_type": "KeyError", "exc_message": ["k"]}},
+        {"status": 7, "result": 1},
+        ["SUCCESS"],
+    ],
+)
+def test_the_join_fast_path_reads_exactly_as_from_dict(record: Any) -> None:
+    from aioresults._meta import success_from_dict
+
+    try:
+        expected: ResultMeta | Exception = ResultMeta.from_dict(record, "t")
+    except DecodeError as exc:
+        expected = exc
+    fast = success_from_dict(record, "t")
+    if fast is None:  # left to from_dict: only what it would not read as a plain SUCCESS
+        assert (
+            isinstance(expected, Exception)
+            or expected.present != _BASIC
+            or (expected.status != "SUCCESS")
+        )
+    else:
+        assert isinstance(expected, ResultMeta)
+        assert fast == expected and fast.present == expected.present
+        assert fast.date_done == expected.date_done and fast.children == expected.children
+
+
+def test_the_join_fast_path_takes_celerys_plain_success_record() -> None:
+    from aioresults._meta import success_from_dict
+
+    record = {"status": "SUCCESS", "result": 3, "traceback": None, "children": [],
+              "date_done": "2026-01-02T03:04:05+00:00", "task_id": "t"}  # fmt: skip
+    fast = success_from_dict(record, "t")
+    assert fast is not None and fast.result == 3 and fast.date_done is not None
+    assert fast == ResultMeta.from_dict(record, "t")

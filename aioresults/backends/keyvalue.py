@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 
 from .. import states
 from .._exceptions import AioResultsError, DecodeError
-from .._meta import ResultMeta
+from .._meta import ResultMeta, success_from_dict
 from .._serialization import COMPRESSED_MAGIC
 from .base import BaseBackend
 
@@ -115,7 +115,8 @@ class KeyValueBackend(BaseBackend):
             if isinstance(raw, Exception):
                 raise raw
             try:
-                append(from_dict(decode(raw), task_id, exceptions))
+                data = decode(raw)
+                append(success_from_dict(data, task_id) or from_dict(data, task_id, exceptions))
             except AioResultsError:
                 raise
             except Exception as exc:  # a hostile payload must not take the reader down
