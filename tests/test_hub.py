@@ -250,6 +250,21 @@ async def test_a_read_that_began_before_a_change_never_undoes_it() -> None:
         await store.aclose()
 
 
+async def test_a_later_waiters_first_read_is_news_for_earlier_waiters(store: FakeStore) -> None:
+    # A's first read found nothing; the result is stored; B's first read finds
+    # it before the store's push arrives. The push then finds the record known:
+    # A must have had it from B's read.
+    hub = WaiterHub(store, FakePush(), "hub")
+    async with hub.waiter(["t"], ready_only=True) as a:
+        await asyncio.sleep(0.05)
+        assert not a.pending()
+        payload = store.put("t", "SUCCESS", 1)
+        async with hub.waiter(["t"], ready_only=True) as b:
+            assert (await next_meta(b)).result == 1
+            hub.deliver("t", payload)  # the push, late
+            assert (await next_meta(a, 0.5)).result == 1
+
+
 async def test_a_reconnect_rereads_every_watched_id(store: FakeStore) -> None:
     feed = FakePush()
     hub = WaiterHub(store, feed, "hub")

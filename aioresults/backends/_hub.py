@@ -280,40 +280,32 @@ class WaiterHub:
         versions = self._versions
         last_seen = self._last
         watched = self.watched
-        decode = self._source._decode
-        # Change counts matter to other reads in flight only.
+        # Stamps matter to other reads in flight only.
         others = self._reads > 1
         for task_id, raw in zip(ids, raws, strict=True):
             if versions and versions.get(task_id, 0) > stamp:
                 continue  # news that this read may predate was handed out meanwhile
-            last = last_seen.get(task_id) if last_seen else None
-            if last is not None and last.raw != raw:
-                # Earlier waiters hold an older record and no push may follow:
-                # this read is news for them too.
-                if others:
-                    versions[task_id] = stamp
-                self._hand_out(task_id, raw)
-                continue
             record: Record | None
             if isinstance(raw, Exception):
-                record = Record.failed(task_id, raw)
-            elif last is not None:
-                record = last
+                record = Record.failed(task_id, raw)  # this read's failure: its readers' alone
             else:
-                # Made only for a waiter that wants PENDING when there is no record.
-                record = None if raw is None else Record(task_id, raw, decode)
-                if record is not None:
-                    last_seen[task_id] = record
-                if others:
-                    # A read that started before this one must not hand out an older record.
-                    versions[task_id] = stamp
+                record = last_seen.get(task_id) if last_seen else None
+                if (record.raw if record is not None else None) != raw:
+                    # News for every waiter on the id, not only this read's: an
+                    # earlier one holds an older record (or none), and the push or
+                    # signal of this change may be spent already (it found this
+                    # record known, so no change, had this read come first).
+                    if others:
+                        versions[task_id] = stamp
+                    self._hand_out(task_id, raw)
+                    continue
             found = watched.get(task_id)
             if found is None:
                 continue
             for waiter in (found,) if type(found) is Waiter else found:  # type: ignore[union-attr]
                 if waiter in readers and (raw is not None or not waiter.ready_only):
-                    if record is None:
-                        record = Record(task_id, None, decode)
+                    if record is None:  # for a waiter that wants PENDING when there is none
+                        record = Record(task_id, None, self._source._decode)
                     waiter._put(record)
 
     def _done_reading(self) -> None:
