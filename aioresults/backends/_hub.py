@@ -270,24 +270,26 @@ class WaiterHub:
             except Exception as exc:
                 self._fail(readers, exc)
                 return
-            self._settled(ids, stamp, raws, readers)
+            self._apply(ids, stamp, raws, readers)
         finally:
             self._done_reading()
 
-    def _settled(
-        self, ids: list[str], stamp: int, raws: Sequence[Any], readers: set[Waiter]
-    ) -> None:
+    def _apply(
+        self, ids: list[str], stamp: int, raws: Sequence[Any], readers: set[Waiter] | None = None
+    ) -> int:
+        """Hand out what a read (started at ``stamp``) found; ``readers``: the
+        waiters whose first read it is. Returns the number of ids that changed."""
         versions = self._versions
         last_seen = self._last
-        watched = self.watched
         # Stamps matter to other reads in flight only.
         others = self._reads > 1
+        changed = 0
         for task_id, raw in zip(ids, raws, strict=True):
             if versions and versions.get(task_id, 0) > stamp:
                 continue  # news that this read may predate was handed out meanwhile
             record: Record | None
-            if isinstance(raw, Exception):
-                record = Record.failed(task_id, raw)  # this read's failure: its readers' alone
+            if readers is not None and isinstance(raw, Exception):
+                record = Record.failed(task_id, raw)  # a first read's failure: its readers' alone
             else:
                 record = last_seen.get(task_id) if last_seen else None
                 if (record.raw if record is not None else None) != raw:
@@ -298,8 +300,11 @@ class WaiterHub:
                     if others:
                         versions[task_id] = stamp
                     self._hand_out(task_id, raw)
+                    changed += 1
                     continue
-            found = watched.get(task_id)
+            if not readers:
+                continue
+            found = self.watched.get(task_id)
             if found is None:
                 continue
             for waiter in (found,) if type(found) is Waiter else found:  # type: ignore[union-attr]
@@ -307,6 +312,7 @@ class WaiterHub:
                     if record is None:  # for a waiter that wants PENDING when there is none
                         record = Record(task_id, None, self._source._decode)
                     waiter._put(record)
+        return changed
 
     def _done_reading(self) -> None:
         # Stamps matter only to reads in flight: none, none kept.
@@ -377,7 +383,6 @@ class WaiterHub:
         if not ids:
             return 0
         self.refreshes += 1
-        versions = self._versions
         self._reads += 1
         self._stamp += 1
         stamp = self._stamp
@@ -388,18 +393,7 @@ class WaiterHub:
                     # The store could not be reached for that id: not news for its
                     # waiters (they keep waiting); the caller tries again.
                     raise raw
-            changed = 0
-            others = self._reads > 1
-            for task_id, raw in zip(ids, raws, strict=True):
-                if versions and versions.get(task_id, 0) > stamp:
-                    continue  # news that this read may predate was handed out meanwhile
-                last = self._last.get(task_id)
-                if (last.raw if last is not None else None) != raw:
-                    changed += 1
-                    if others:
-                        versions[task_id] = stamp
-                    self._hand_out(task_id, raw)
-            return changed
+            return self._apply(ids, stamp, raws)
         finally:
             self._done_reading()
 
