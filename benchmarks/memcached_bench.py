@@ -79,7 +79,7 @@ async def latencies(
 ) -> list[float]:
     """Wake latencies: ``wait(task_id)`` here, the store ``quiet`` seconds (or
     20-50 ms) after the wait began."""
-    out = []
+    out: list[float] = []
     for _ in range(samples):
         task_id = uuid.uuid4().hex
         woke: list[float] = []
@@ -110,7 +110,9 @@ async def hand_poll(client: Any, task_id: str) -> None:
         pause = min(pause * 2, 0.5)
 
 
-async def wake_latency(server: MemcachedServer) -> tuple[list[list[Any]], list[list[Any]]]:
+async def wake_latency(
+    server: MemcachedServer,
+) -> tuple[list[list[Any]], list[list[Any]], dict[str, float]]:
     from celery import Celery
     from celery.result import AsyncResult as CeleryResult
 
@@ -153,6 +155,7 @@ async def wake_latency(server: MemcachedServer) -> tuple[list[list[Any]], list[l
     app.close()
 
     rows = []
+    figures: dict[str, float] = {}
     for name, rounds in short.items():
         values = [v for r in rounds for v in r]
         ratios = [
@@ -160,6 +163,7 @@ async def wake_latency(server: MemcachedServer) -> tuple[list[list[Any]], list[l
             for r, f in zip(rounds, short[floor], strict=True)
         ]
         p50, p90, _ = summary(values)
+        figures[f"{name} ratio"], figures[f"{name} p50"] = statistics.median(ratios), p50
         rows.append(
             [
                 name,
@@ -173,7 +177,7 @@ async def wake_latency(server: MemcachedServer) -> tuple[list[list[Any]], list[l
         [name, f"{pause:.0f} s", ms(statistics.median(v)), ms(max(v))]
         for (name, pause), v in quiet.items()
     ]
-    return rows, quiet_rows
+    return rows, quiet_rows, figures
 
 
 # ------------------------------------------------------------------ idle load
@@ -249,9 +253,30 @@ def _join_quietly(results: Any) -> None:
 # ------------------------------------------------------------------ report
 
 
+def goals(figures: dict[str, float], load: list[list[Any]]) -> list[str]:
+    """Each goal with what was measured, met or missed."""
+    poll = figures["aioresults `await result`, defaults (poll) ratio"]
+    notify = figures['aioresults, `watch="notify"` p50']
+    busy, idle = float(load[0][1]), float(load[1][1])
+    return [
+        f"p50 within 1.3× of the hand-written poll on the same schedule: {poll:.2f}× "
+        + ("**met**" if poll <= 1.3 else "**missed**"),
+        f'`watch="notify"` p50 ≤ 5 ms: {notify * 1e3:.2f} ms '
+        + (
+            "**met**"
+            if notify <= 0.005
+            else "**missed** (memcached's logger thread, which writes the `watch` lines, "
+            "sleeps longer the quieter the server: the lines come late at this cadence)"
+        ),
+        f"at most 2 requests/s with 1,000 waiters: {busy:.1f} "
+        + ("**met**" if busy <= 2.0 else "**missed**"),
+        f"none without waiters: {idle:.1f} " + ("**met**" if idle == 0 else "**missed**"),
+    ]
+
+
 async def run() -> str:
     with MemcachedServer() as server:
-        latency, quiet = await wake_latency(server)
+        latency, quiet, figures = await wake_latency(server)
         load = await idle_load(server)
         server_version = server.version().removeprefix("VERSION ")
     lines = [
@@ -276,9 +301,7 @@ async def run() -> str:
         "",
         table(["waiters", "requests/s", "keys read/s (server `cmd_get`)"], load),
         "",
-        "Goals: p50 within 1.3× of the hand-written poll on the same schedule; "
-        '`watch="notify"` p50 ≤ 5 ms; at most 2 requests/s per server with 1,000 waiters '
-        "(one multi-key get per `max_poll_interval`) and none without waiters.",
+        "Goals: " + "; ".join(goals(figures, load)) + ".",
     ]
     return "\n".join(lines)
 

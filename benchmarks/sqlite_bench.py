@@ -727,7 +727,8 @@ async def run() -> str:
         "",
         table(["waiter", "samples", "p50", "p90"], latency),
         "",
-        "Goal: aioresults p50 ≤ 10 ms.",
+        f"Goal: aioresults p50 ≤ 10 ms: {latency[0][2]}, "
+        + ("**met**." if float(str(latency[0][2]).split()[0]) <= 10 else "**missed**."),
         "",
         "### CPU used while waiting",
         "",
@@ -737,7 +738,7 @@ async def run() -> str:
                 [
                     "CPU seconds of a process waiting 10 s on 1,000 results that never arrive",
                     f"{cpu:.3f} s",
-                    "≤ 0.1 s",
+                    "≤ 0.1 s: " + ("**met**" if cpu <= 0.1 else "**missed**"),
                 ]
             ],
         ),
