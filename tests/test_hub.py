@@ -202,17 +202,23 @@ class FakeSignal(Feed):
 
 
 class SnapshotStore(FakeStore):
-    """Each read sees the store as it was when the read began, and takes the
-    next of ``delays`` to answer: reads overtake each other as on a pool."""
+    """Each read waits, sees the store, then answers after a while (the next
+    ``(before, after)`` of ``plan``; at once when it is used up): reads overtake
+    each other, and see the store in any order of their starts, as on a pool."""
 
-    def __init__(self, delays: list[float]) -> None:
+    def __init__(self, plan: list[tuple[float | asyncio.Event, float]]) -> None:
         super().__init__()
-        self.delays = delays
+        self.plan = plan
 
     async def _read_raw(self, task_ids: Sequence[str]) -> list[Any]:
         self.reads.append(list(task_ids))
+        before, after = self.plan.pop(0) if self.plan else (0.0, 0.0)
+        if isinstance(before, asyncio.Event):
+            await before.wait()
+        else:
+            await asyncio.sleep(before)
         seen = [self.data.get(t) for t in task_ids]
-        await asyncio.sleep(self.delays.pop(0) if self.delays else 0)
+        await asyncio.sleep(after)
         return seen
 
 
@@ -220,7 +226,7 @@ class SnapshotStore(FakeStore):
 async def test_a_signal_during_the_first_read_is_never_lost(first_read: float) -> None:
     # The first read began before the write, the re-read the signal asked for
     # after it; whichever answers last, the waiter gets the result.
-    store = SnapshotStore([first_read, 0.1])
+    store = SnapshotStore([(0, first_read), (0, 0.1)])
     try:
         hub = WaiterHub(store, FakeSignal(), "hub")
         async with hub.waiter(["t"], ready_only=True) as w:
@@ -235,7 +241,7 @@ async def test_a_signal_during_the_first_read_is_never_lost(first_read: float) -
 
 
 async def test_a_read_that_began_before_a_change_never_undoes_it() -> None:
-    store = SnapshotStore([0.2, 0.0])
+    store = SnapshotStore([(0, 0.2)])
     try:
         hub = WaiterHub(store, FakeSignal(), "hub")
         async with hub.waiter(["t"]) as w:
@@ -248,6 +254,57 @@ async def test_a_read_that_began_before_a_change_never_undoes_it() -> None:
             assert not w.pending()  # the first read's PENDING was dropped
     finally:
         await store.aclose()
+
+
+def statuses(waiter: Any) -> list[str]:
+    """The states handed to ``waiter`` so far, in order."""
+    out = []
+    while (record := waiter.take()) is not None:
+        out.append(record.meta().status)
+    return out
+
+
+async def test_a_read_that_saw_the_store_earlier_never_undoes_news() -> None:
+    # The re-read a signal asked for starts first but sees the store late (it
+    # finds the result); B's first read starts later but saw the store before
+    # the write, and answers last. Its PENDING must not undo the SUCCESS.
+    stored = asyncio.Event()
+    store = SnapshotStore([(0, 0), (stored, 0), (0, 0.2)])
+    try:
+        hub = WaiterHub(store, FakeSignal(), "hub")
+        async with hub.waiter(["t"]) as a:
+            assert (await next_meta(a)).status == "PENDING"
+            hub.changed(["t"])  # the re-read: it sees the store once `stored` is set
+            async with hub.waiter(["t"]) as b:
+                while len(store.reads) < 3:
+                    await asyncio.sleep(0.001)  # B's first read has seen no record
+                store.put("t", "SUCCESS", 5)
+                stored.set()
+                async with asyncio.timeout(5):
+                    while len(store.reads) < 4:  # B's read was dropped and made again
+                        await asyncio.sleep(0.01)
+                await asyncio.sleep(0.05)
+                assert statuses(a) == ["SUCCESS"] and statuses(b) == ["SUCCESS"]
+                assert hub._last["t"].meta().result == 5
+    finally:
+        await store.aclose()
+
+
+async def test_the_same_push_twice_during_a_first_read_leaves_it_alone(
+    store: FakeStore,
+) -> None:
+    hub = WaiterHub(store, FakePush(), "hub")
+    async with hub.waiter(["t"], ready_only=True) as a:
+        await asyncio.sleep(0.05)
+        payload = store.put("t", "SUCCESS", 1)
+        hub.deliver("t", payload)  # a sibling backend's wake after the write
+        assert (await next_meta(a)).result == 1
+        store.read_delay = 0.1
+        async with hub.waiter(["t"], ready_only=True) as b:
+            while len(store.reads) < 2:
+                await asyncio.sleep(0.001)
+            hub.deliver("t", payload)  # the store's own push of that write: no news
+            assert (await next_meta(b, 1.0)).result == 1
 
 
 async def test_a_later_waiters_first_read_is_news_for_earlier_waiters(store: FakeStore) -> None:

@@ -64,13 +64,12 @@ class WaiterHub:
         #: Waiters by watched id: usually one (kept bare), a list when there are more.
         self.watched: dict[str, Waiter | list[Waiter]] = {}
         # The last record seen per id (ids with no record have none), and, while
-        # reads are in flight, the stamp of what was last handed out per id: a
-        # read is stamped when it starts and a push when it arrives, so a read
-        # that started before the news it would overwrite is dropped, while one
-        # that started after it (it may carry newer news) is not.
+        # reads are in flight, a count per id of the news handed out since they
+        # began. A read during which news of its id went out is not trusted
+        # either way (reads on a pool or in threads see the store in any order
+        # of their starts): it is dropped, and the id read again.
         self._last: dict[str, Record] = {}
         self._versions: dict[str, int] = {}
-        self._stamp = 0
         self._reads = 0
         self._registered = 0
         self._to_watch: set[str] = set()
@@ -262,31 +261,45 @@ class WaiterHub:
         if not ids:
             return
         self._reads += 1
-        self._stamp += 1
-        stamp = self._stamp
+        before = self._counts(ids)
         try:
             try:
                 raws = await self._source._read_raw(ids)
             except Exception as exc:
                 self._fail(readers, exc)
                 return
-            self._apply(ids, stamp, raws, readers)
+            self._apply(ids, before, raws, readers)
         finally:
             self._done_reading()
 
+    def _counts(self, ids: list[str]) -> list[int] | None:
+        """What a read starting now must compare with when it ends (None: no news yet)."""
+        versions = self._versions
+        return [versions.get(i, 0) for i in ids] if versions else None
+
     def _apply(
-        self, ids: list[str], stamp: int, raws: Sequence[Any], readers: set[Waiter] | None = None
+        self,
+        ids: list[str],
+        before: list[int] | None,
+        raws: Sequence[Any],
+        readers: set[Waiter] | None = None,
     ) -> int:
-        """Hand out what a read (started at ``stamp``) found; ``readers``: the
-        waiters whose first read it is. Returns the number of ids that changed."""
+        """Hand out what a read found; ``before``: the news counts when it began
+        (see :meth:`_counts`); ``readers``: the waiters whose first read it is.
+        Returns the number of ids that changed."""
         versions = self._versions
         last_seen = self._last
-        # Stamps matter to other reads in flight only.
+        # Counts matter to other reads in flight only.
         others = self._reads > 1
         changed = 0
-        for task_id, raw in zip(ids, raws, strict=True):
-            if versions and versions.get(task_id, 0) > stamp:
-                continue  # news that this read may predate was handed out meanwhile
+        again: list[str] = []
+        for n, (task_id, raw) in enumerate(zip(ids, raws, strict=True)):
+            if versions and versions.get(task_id, 0) != (before[n] if before else 0):
+                # News of this id went out while it was read: this read may be
+                # older or newer than that news. Read it again (its waiters
+                # have had that news, readers included).
+                again.append(task_id)
+                continue
             record: Record | None
             if readers is not None and isinstance(raw, Exception):
                 record = Record.failed(task_id, raw)  # a first read's failure: its readers' alone
@@ -297,10 +310,10 @@ class WaiterHub:
                     # earlier one holds an older record (or none), and the push or
                     # signal of this change may be spent already (it found this
                     # record known, so no change, had this read come first).
-                    if others:
-                        versions[task_id] = stamp
-                    self._hand_out(task_id, raw)
-                    changed += 1
+                    if self._hand_out(task_id, raw):
+                        changed += 1
+                        if others:
+                            versions[task_id] = versions.get(task_id, 0) + 1
                     continue
             if not readers:
                 continue
@@ -312,10 +325,12 @@ class WaiterHub:
                     if record is None:  # for a waiter that wants PENDING when there is none
                         record = Record(task_id, None, self._source._decode)
                     waiter._put(record)
+        if again:
+            self.refresh_soon(again)
         return changed
 
     def _done_reading(self) -> None:
-        # Stamps matter only to reads in flight: none, none kept.
+        # Counts matter only to reads in flight: none, none kept.
         self._reads -= 1
         if not self._reads:
             self._versions.clear()
@@ -326,25 +341,24 @@ class WaiterHub:
         """Hand a new record of ``task_id`` (as the store gave it; None: none,
         an exception: it could not be read) to its waiters, unless it is the
         one they have."""
-        if self._reads:
-            # Reads in flight that started before this news must not undo it.
-            self._stamp += 1
-            self._versions[task_id] = self._stamp
-        self._hand_out(task_id, raw)
+        if self._hand_out(task_id, raw) and self._reads:
+            # Reads in flight may predate this news: they must not undo it.
+            self._versions[task_id] = self._versions.get(task_id, 0) + 1
 
-    def _hand_out(self, task_id: str, raw: Any) -> None:
+    def _hand_out(self, task_id: str, raw: Any) -> bool:
+        """Give the waiters of ``task_id`` this record if it is news; whether it was."""
         found = self.watched.get(task_id)
         if found is None:
-            return
+            return False
         if isinstance(raw, Exception):
             record = Record.failed(task_id, raw)
         else:
             last = self._last.get(task_id)
             if last is None:
                 if raw is None:
-                    return
+                    return False
             elif last.raw == raw:
-                return
+                return False
             record = Record(task_id, raw, self._source._decode)
             if raw is None:
                 del self._last[task_id]
@@ -353,10 +367,11 @@ class WaiterHub:
         if type(found) is Waiter:
             if raw is not None or not found.ready_only:
                 found._put(record)
-            return
+            return True
         for waiter in found:  # type: ignore[union-attr]
             if raw is not None or not waiter.ready_only:
                 waiter._put(record)
+        return True
 
     def resynced(self, feed: Feed) -> None:
         """Called (through :meth:`Feed.resynced`) once a session's watches are in
@@ -384,8 +399,7 @@ class WaiterHub:
             return 0
         self.refreshes += 1
         self._reads += 1
-        self._stamp += 1
-        stamp = self._stamp
+        before = self._counts(ids)
         try:
             raws = await self._source._read_raw(ids)
             for raw in raws:
@@ -393,7 +407,7 @@ class WaiterHub:
                     # The store could not be reached for that id: not news for its
                     # waiters (they keep waiting); the caller tries again.
                     raise raw
-            return self._apply(ids, stamp, raws)
+            return self._apply(ids, before, raws)
         finally:
             self._done_reading()
 
