@@ -76,6 +76,9 @@ class WaiterHub:
         self._in_flight: set[str] = set()
         self._to_read: set[Waiter] = set()
         self._reading: set[Waiter] = set()
+        # Waiters awaiting their first read that news of an id reached already:
+        # that read finding the same record does not hand it to them twice.
+        self._told: set[tuple[Waiter, str]] = set()
         self._settling = False
         self._refresh_ids: set[str] = set()
         self._refresh_all = False
@@ -233,6 +236,9 @@ class WaiterHub:
             await self._settle_readers()
         finally:
             self._reading = set()
+            if self._told:
+                to_read = self._to_read
+                self._told = {t for t in self._told if t[0] in to_read}
 
     async def _settle_readers(self) -> None:
         batch, self._to_watch = self._to_watch, set()
@@ -297,8 +303,12 @@ class WaiterHub:
             if versions and versions.get(task_id, 0) != (before[n] if before else 0):
                 # News of this id went out while it was read: this read may be
                 # older or newer than that news. Read it again (its waiters
-                # have had that news, readers included).
-                again.append(task_id)
+                # have had that news, readers included), unless it found what
+                # they hold now: nothing is left to settle. (While an id's news
+                # keeps changing, one batched re-read at a time is in flight.)
+                held = last_seen.get(task_id)
+                if (held.raw if held is not None else None) != raw:
+                    again.append(task_id)
                 continue
             record: Record | None
             if readers is not None and isinstance(raw, Exception):
@@ -320,8 +330,11 @@ class WaiterHub:
             found = self.watched.get(task_id)
             if found is None:
                 continue
+            told = self._told
             for waiter in (found,) if type(found) is Waiter else found:  # type: ignore[union-attr]
                 if waiter in readers and (raw is not None or not waiter.ready_only):
+                    if told and record is not None and (waiter, task_id) in told:
+                        continue  # it had this record as news while it waited for this read
                     if record is None:  # for a waiter that wants PENDING when there is none
                         record = Record(task_id, None, self._source._decode)
                     waiter._put(record)
@@ -350,7 +363,8 @@ class WaiterHub:
         found = self.watched.get(task_id)
         if found is None:
             return False
-        if isinstance(raw, Exception):
+        failed = isinstance(raw, Exception)
+        if failed:
             record = Record.failed(task_id, raw)
         else:
             last = self._last.get(task_id)
@@ -364,13 +378,19 @@ class WaiterHub:
                 del self._last[task_id]
             else:
                 self._last[task_id] = record
+        # Waiters whose first read is to come, if this is a record it may find.
+        unread = (self._to_read or self._reading) and raw is not None and not failed
         if type(found) is Waiter:
             if raw is not None or not found.ready_only:
                 found._put(record)
+                if unread and (found in self._to_read or found in self._reading):
+                    self._told.add((found, task_id))
             return True
         for waiter in found:  # type: ignore[union-attr]
             if raw is not None or not waiter.ready_only:
                 waiter._put(record)
+                if unread and (waiter in self._to_read or waiter in self._reading):
+                    self._told.add((waiter, task_id))
         return True
 
     def resynced(self, feed: Feed) -> None:
