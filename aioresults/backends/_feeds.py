@@ -28,19 +28,43 @@ from __future__ import annotations
 import logging
 import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Collection, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from collections.abc import Awaitable, Callable, Collection, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 import anyio
 
 from ._support import Backoff
 
 if TYPE_CHECKING:
+    from .._meta import ResultMeta
     from ._hub import WaiterHub
 
-__all__ = ["Feed", "FeedGone", "run_feed", "run_poller", "wake_siblings"]
+__all__ = [
+    "Feed",
+    "FeedGone",
+    "HubSource",
+    "run_feed",
+    "run_poller",
+    "run_refreshes",
+    "wake_siblings",
+]
 
 logger = logging.getLogger("aioresults.backends")
+
+
+class HubSource(Protocol):
+    """What the hub needs from its backend."""
+
+    poll_interval: float
+    max_poll_interval: float
+
+    async def _read_raw(self, task_ids: Sequence[str]) -> Sequence[Any]: ...
+
+    def _decode(self, task_id: str, raw: Any) -> ResultMeta: ...
+
+    def _unwatched(self, task_ids: Sequence[str]) -> None: ...
+
+    def _start_task(self, func: Callable[..., Awaitable[Any]], *args: Any, name: str) -> None: ...
 
 
 class FeedGone(Exception):
@@ -122,7 +146,7 @@ class Feed(ABC):
 
     async def wait_watched(self) -> None:
         """Return once some id is watched."""
-        await self.hub.wait_watched()
+        await wait_watched(self.hub)
 
     def refresh_soon(self, task_ids: Collection[str] | None = None) -> None:
         """Re-read ``task_ids`` (None: every watched id), retrying until it works."""
@@ -196,7 +220,7 @@ async def run_poller(hub: WaiterHub, min_interval: float, max_interval: float) -
     # Stops once the hub is closed, even under a driver that swallowed the
     # cancellation meant to end it.
     while not hub.closed:
-        await hub.wait_watched()
+        await wait_watched(hub)
         try:
             changed = await hub.refresh()
         except Exception as exc:
@@ -210,8 +234,50 @@ async def run_poller(hub: WaiterHub, min_interval: float, max_interval: float) -
         seen = hub.registrations
         # A waiter arriving during a long pause cuts it short: its result may be
         # stored right after its first read.
-        if await hub.wait_registration(interval):
+        if await wait_registration(hub, interval):
             await anyio.sleep(min_interval)
+
+
+async def run_refreshes(hub: WaiterHub) -> None:
+    """Re-read what :meth:`WaiterHub.refresh_soon` asked for, in batches, one
+    at a time, retrying with back-off until it works: nothing else may tell
+    about those changes."""
+    backoff = Backoff(0.05, 1.0)
+    try:
+        while not hub.closed and (hub._refresh_all or hub._refresh_ids):
+            every, hub._refresh_all = hub._refresh_all, False
+            ids, hub._refresh_ids = hub._refresh_ids, set()
+            try:
+                await hub.refresh(None if every else ids)
+                backoff.reset()
+            except Exception as exc:
+                logger.warning("%s: re-reading changed results failed: %s", hub, exc)
+                hub._refresh_all |= every
+                hub._refresh_ids |= ids
+                await backoff.sleep()
+    finally:
+        hub._refreshing = False
+
+
+async def wait_watched(hub: WaiterHub) -> None:
+    """Return once at least one id is watched."""
+    while not hub.watched:
+        hub._watched_event = event = anyio.Event()
+        try:
+            await event.wait()
+        finally:
+            hub._watched_event = None
+
+
+async def wait_registration(hub: WaiterHub, timeout: float) -> bool:
+    """Wait up to ``timeout`` seconds for a new waiter; whether one came."""
+    hub._registered_event = arrived = anyio.Event()
+    try:
+        with anyio.move_on_after(timeout):
+            await arrived.wait()
+    finally:
+        hub._registered_event = None
+    return arrived.is_set()
 
 
 # ---------------------------------------------------------------- siblings

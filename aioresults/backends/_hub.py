@@ -21,35 +21,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import anyio
 
 from .._exceptions import BackendUnavailable
-from .._meta import ResultMeta
 from .._protocols import Record
-from ._feeds import Feed, run_feed, run_poller
-from ._support import Backoff
+from ._feeds import Feed, HubSource, run_feed, run_poller, run_refreshes
 from ._waiter import Deadlines, Waiter
 
 __all__ = ["HubSource", "Waiter", "WaiterHub"]
 
 logger = logging.getLogger("aioresults.backends")
-
-
-class HubSource(Protocol):
-    """What the hub needs from its backend."""
-
-    poll_interval: float
-    max_poll_interval: float
-
-    async def _read_raw(self, task_ids: Sequence[str]) -> Sequence[Any]: ...
-
-    def _decode(self, task_id: str, raw: Any) -> ResultMeta: ...
-
-    def _unwatched(self, task_ids: Sequence[str]) -> None: ...
-
-    def _start_task(self, func: Callable[..., Awaitable[Any]], *args: Any, name: str) -> None: ...
 
 
 class WaiterHub:
@@ -442,44 +425,7 @@ class WaiterHub:
             self._refresh_ids.update(task_ids)
         if not self._refreshing:
             self._refreshing = True
-            self._source._start_task(self._run_refreshes, name=f"{self._name} re-reads")
-
-    async def _run_refreshes(self) -> None:
-        backoff = Backoff(0.05, 1.0)
-        try:
-            while self._closed is None and (self._refresh_all or self._refresh_ids):
-                every, self._refresh_all = self._refresh_all, False
-                ids, self._refresh_ids = self._refresh_ids, set()
-                try:
-                    await self.refresh(None if every else ids)
-                    backoff.reset()
-                except Exception as exc:
-                    logger.warning("%s: re-reading changed results failed: %s", self, exc)
-                    # Try again: nothing else may tell about this change.
-                    self._refresh_all |= every
-                    self._refresh_ids |= ids
-                    await backoff.sleep()
-        finally:
-            self._refreshing = False
-
-    async def wait_watched(self) -> None:
-        """Return once at least one id is watched."""
-        while not self.watched:
-            self._watched_event = anyio.Event()
-            try:
-                await self._watched_event.wait()
-            finally:
-                self._watched_event = None
-
-    async def wait_registration(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` seconds for a new waiter; whether one came."""
-        self._registered_event = arrived = anyio.Event()
-        try:
-            with anyio.move_on_after(timeout):
-                await arrived.wait()
-        finally:
-            self._registered_event = None
-        return arrived.is_set()
+            self._source._start_task(run_refreshes, self, name=f"{self._name} re-reads")
 
     def _start_feeding(self) -> None:
         self._started = True
