@@ -147,7 +147,7 @@ class PostgresBackend(SQLBackend):
         # Batches are written one at a time, on a connection of their own: a
         # pool's acquire and release cost more than a small batch's statement.
         self._writer: asyncpg.Connection | None = None
-        self._writing = anyio.Lock()
+        self._writing = anyio.Lock(fast_acquire=True)
         self._sql: Statements | None = None
         self._channel = ""
         self._commits = 0

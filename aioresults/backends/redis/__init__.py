@@ -299,7 +299,7 @@ class RedisBackend(KeyValueBackend):
             return
         client = self.client
         if self.cluster:
-            self._limit = anyio.Semaphore(self.max_connections)
+            self._limit = anyio.Semaphore(self.max_connections, fast_acquire=True)
             # Before it knows the slots, redis-py sends commands to random nodes, and
             # a burst of MOVED replies makes it close the connections in use.
             with self._errors.translating("reading the cluster's slots"):
