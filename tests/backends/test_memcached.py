@@ -471,3 +471,23 @@ async def test_three_clients_delivering_duplicates(
     assert all(o.results == list(range(size)) for o in completing)
     counts = {o.task_id: o.count for o in outcomes if o.counted}
     assert sorted(counts.values()) == list(range(1, size + 1))
+
+
+async def test_a_frozen_server_is_unavailable_not_a_hang(
+    own_server: MemcachedServer, connect: Callable[..., MemcachedBackend]
+) -> None:
+    # The server stops answering (SIGSTOP): the kernel still takes connections.
+    backend = connect(own_server.url, timeout=0.5, connect_timeout=0.5)
+    assert await backend.mark_as_done(new_id(), "before")
+    own_server.freeze()
+    try:
+        with anyio.fail_after(60):  # a hang fails here
+            with pytest.raises(ar.BackendUnavailable):
+                await backend.mark_as_done(new_id(), "while frozen")
+            with pytest.raises(ar.BackendUnavailable):
+                await backend.get_meta(new_id())
+    finally:
+        own_server.thaw()
+    task_id = new_id()
+    assert await backend.mark_as_done(task_id, "after")
+    assert (await backend.get_meta(task_id)).result == "after"

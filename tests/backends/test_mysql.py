@@ -279,3 +279,23 @@ async def test_mariadb_restarted_mid_poll(own_mariadb: MariaDBServer, restartabl
         )  # fmt: skip
         assert await asyncio.gather(*waits) == ids
         assert reader.wait_stats().waiters == 0
+
+
+async def test_a_frozen_server_is_unavailable_not_a_hang(
+    own_mariadb: MariaDBServer, restartable: str
+) -> None:
+    # The server stops answering (SIGSTOP): the kernel still takes connections.
+    async with MySQLBackend(restartable, command_timeout=0.5, retries=1) as backend:
+        assert await backend.mark_as_done(new_id(), "before")
+        own_mariadb.freeze()
+        try:
+            with anyio.fail_after(60):  # a hang fails here
+                with pytest.raises(ar.BackendUnavailable, match="storing results"):
+                    await backend.mark_as_done(new_id(), "while frozen")
+                with pytest.raises(ar.BackendUnavailable, match="reading results"):
+                    await backend.get_meta(new_id())
+        finally:
+            own_mariadb.thaw()
+        task_id = new_id()
+        assert await backend.mark_as_done(task_id, "after")
+        assert (await backend.get_meta(task_id)).result == "after"

@@ -359,3 +359,30 @@ async def test_chords_expire_with_their_keys(connect: Callable[..., NatsBackend]
     with pytest.raises(ar.ChordError, match="set_chord_size"):
         await backend.chord_part_return(group_id, "b", states.SUCCESS, 2)
     assert await backend.cleanup() == 2  # the chord's count and its one part
+
+
+async def test_a_frozen_server_is_unavailable_not_a_hang(own_server: NatsServer) -> None:
+    # The server stops answering (SIGSTOP): the kernel still takes connections.
+    backend = NatsBackend(own_server.url, bucket=new_bucket(), timeout=0.5)
+    try:
+        assert await backend.mark_as_done(new_id(), "before")
+        own_server.freeze()
+        try:
+            with anyio.fail_after(60):  # a hang fails here
+                with pytest.raises(ar.BackendUnavailable):
+                    await backend.mark_as_done(new_id(), "while frozen")
+                with pytest.raises(ar.BackendUnavailable):
+                    await backend.get_meta(new_id())
+        finally:
+            own_server.thaw()
+        task_id = new_id()
+        with anyio.fail_after(60):
+            while True:  # the client reconnects on its own schedule
+                try:
+                    assert await backend.mark_as_done(task_id, "after")
+                    break
+                except ar.BackendUnavailable:
+                    await asyncio.sleep(0.1)
+        assert (await backend.get_meta(task_id)).result == "after"
+    finally:
+        await backend.aclose()

@@ -339,3 +339,24 @@ async def test_restart_while_300_waiters_wait(
         assert await asyncio.gather(*waits) == ids
         stats = reader.wait_stats()
         assert stats.sessions >= 2 and stats.feed_failures >= 1 and stats.waiters == 0
+
+
+async def test_a_frozen_server_is_unavailable_not_a_hang(
+    own_postgres: PostgresServer, restartable: str
+) -> None:
+    # The server stops answering (SIGSTOP): the kernel still takes connections.
+    async with PostgresBackend(restartable, command_timeout=0.5, retries=1) as backend:
+        assert await backend.mark_as_done(new_id(), "before")
+        await backend.get_meta(new_id())
+        own_postgres.freeze()
+        try:
+            with anyio.fail_after(60):  # a hang fails here
+                with pytest.raises(ar.BackendUnavailable, match="storing results"):
+                    await backend.mark_as_done(new_id(), "while frozen")
+                with pytest.raises(ar.BackendUnavailable, match="reading results"):
+                    await backend.get_meta(new_id())
+        finally:
+            own_postgres.thaw()
+        task_id = new_id()
+        assert await backend.mark_as_done(task_id, "after")
+        assert (await backend.get_meta(task_id)).result == "after"

@@ -51,6 +51,7 @@ import contextlib
 import datetime as dt
 import decimal
 import json
+import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
@@ -346,6 +347,22 @@ async def test_a_buffered_result_is_returned_at_once(
     # Nobody waited when it arrived: it was kept, and a check (timeout=0) finds it.
     assert await ar.AsyncResult(task_id, reader).get(timeout=0) == "early"
     assert reader.buffered >= 1
+
+
+async def test_replies_before_any_wait_are_kept_quietly(
+    reader: RPCBackend, writer: RPCBackend, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Nothing has waited on this reader yet: replies are kept, and nothing fails.
+    ids = [new_id() for _ in range(3)]
+    with caplog.at_level(logging.DEBUG), replying(writer, reader):
+        for task_id in ids:
+            await writer.mark_as_done(task_id, task_id)
+        with anyio.fail_after(WAIT):
+            while reader.buffered < len(ids):
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)  # the replies' acknowledgements have run
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert [await ar.AsyncResult(i, reader).get(timeout=0) for i in ids] == ids
 
 
 async def test_buffer_bound_evicts_the_oldest(make: Make, writer: RPCBackend) -> None:
@@ -1053,3 +1070,38 @@ async def test_reply_is_celerys_format(rabbitmq: RabbitMQServer, writer: RPCBack
         "t-1",
         "tasks.x",
     )
+
+
+@pytest.fixture(scope="module")
+def own_rabbitmq() -> Iterator[RabbitMQServer]:
+    """A broker of this module's own, to freeze."""
+    with RabbitMQServer() as server:
+        yield server
+
+
+async def test_a_frozen_broker_is_unavailable_not_a_hang(own_rabbitmq: RabbitMQServer) -> None:
+    # The broker stops answering (SIGSTOP): the kernel still takes connections.
+    own_rabbitmq.start()
+    options: dict[str, Any] = {"command_timeout": 0.5, "connect_timeout": 0.5}
+    async with RPCBackend(own_rabbitmq.url, publish_retries=1, **options) as backend:
+        with backend.replying_to(backend.reply_to):
+            assert await backend.mark_as_done(new_id(), "before")
+        own_rabbitmq.freeze()
+        try:
+            with anyio.fail_after(60):  # a hang fails here
+                with backend.replying_to(backend.reply_to):
+                    with pytest.raises(ar.BackendUnavailable, match="publishing"):
+                        await backend.mark_as_done(new_id(), "while frozen")
+                with pytest.raises(ar.BackendUnavailable, match="publishing"):
+                    await backend.send_task("tasks.add", args=(1, 2))
+        finally:
+            own_rabbitmq.thaw()
+        task_id = new_id()
+        with backend.replying_to(backend.reply_to), anyio.fail_after(60):
+            while True:  # a new connection once the broker answers again
+                try:
+                    assert await backend.mark_as_done(task_id, "after")
+                    break
+                except ar.BackendUnavailable:
+                    await asyncio.sleep(0.1)
+        assert await ar.AsyncResult(task_id, backend).get(timeout=WAIT) == "after"

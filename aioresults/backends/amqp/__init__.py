@@ -102,6 +102,10 @@ class RPCBackend(NoGroupsOrChords, BaseBackend):
         ``task_default_queue``.
     :param task_serializer: ``"json"`` (default) or ``"msgpack"``, for task messages.
     :param connect_timeout: seconds to connect before giving up.
+    :param command_timeout: seconds a publish (with the broker's confirmation)
+        may take before its connection counts as lost and it is tried on a new
+        one; after ``publish_retries`` of those it raises
+        :class:`~aioresults.BackendUnavailable`.
     :param heartbeat: seconds between AMQP heartbeats (a dead peer is noticed
         after about three).
     :param publish_retries: new connections a publish tries after a lost one.
@@ -123,6 +127,7 @@ class RPCBackend(NoGroupsOrChords, BaseBackend):
         default_queue: str | None = None,
         task_serializer: str = "json",
         connect_timeout: float | None = None,
+        command_timeout: float | None = None,
         heartbeat: int | None = None,
         publish_retries: int = 3,
         **options: Any,
@@ -143,9 +148,12 @@ class RPCBackend(NoGroupsOrChords, BaseBackend):
         self.persistent = bool(pick(persistent, "persistent", False))
         self.default_queue: str = pick(default_queue, "default_queue", "celery")
         self.connect_timeout = float(pick(connect_timeout, "connect_timeout", 10.0))
+        self.command_timeout = float(pick(command_timeout, "command_timeout", 10.0))
         self.heartbeat = int(pick(heartbeat, "heartbeat", 10))
-        if not self.connect_timeout > 0 or self.heartbeat < 0:
-            raise ConfigurationError("connect_timeout must be positive, heartbeat not negative")
+        if not (self.connect_timeout > 0 and self.command_timeout > 0) or self.heartbeat < 0:
+            raise ConfigurationError(
+                "connect_timeout and command_timeout must be positive, heartbeat not negative"
+            )
         if task_serializer not in ("json", "msgpack"):
             raise ConfigurationError("task_serializer must be 'json' or 'msgpack'")
         self._task_codec = Codec(task_serializer)
@@ -172,6 +180,7 @@ class RPCBackend(NoGroupsOrChords, BaseBackend):
             lambda channel: declare_reply_queue(channel, self._queue, self._queue_arguments),
             self._errors,
             publish_retries,
+            self.command_timeout,
         )
         self._destination: contextvars.ContextVar[tuple[str, str | None] | None] = (
             contextvars.ContextVar(f"aioresults rpc reply_to {id(self):x}", default=None)
@@ -253,7 +262,9 @@ class RPCBackend(NoGroupsOrChords, BaseBackend):
         except InvalidTaskId as exc:
             logger.warning("%r: dropped a reply: %s", self, exc)
             return
-        if self._buffer.put(task_id, raw, redelivered=redelivered):
+        # Before the first wait there is no hub, and nobody to tell: the
+        # buffer keeps the reply for the first read.
+        if self._buffer.put(task_id, raw, redelivered=redelivered) and self._hub_ is not None:
             self._replies.deliver(task_id, raw)
 
     def _is_success(self, task_id: str, raw: bytes) -> bool:

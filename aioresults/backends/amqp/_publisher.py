@@ -15,10 +15,13 @@ already, whatever its arguments (a quorum queue, a priority queue).
 A publish that fails because the connection was lost is retried on a new one
 (``retries`` times, with back-off). One the broker had received but not yet
 confirmed is then published twice: delivery is at least once, as with Celery.
+A broker that stops answering (a frozen or black-holed host) counts as lost
+once an attempt has waited ``timeout`` seconds for it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -49,6 +52,8 @@ class Publisher:
     :param declare_own: declares the backend's reply queue on a channel.
     :param errors: translates aiormq's errors.
     :param retries: new connections tried after a lost one, per message.
+    :param timeout: seconds an attempt (connecting, declaring, publishing and
+        the broker's confirmation) may take before its connection counts as lost.
     """
 
     def __init__(
@@ -57,11 +62,13 @@ class Publisher:
         declare_own: Callable[[AbstractChannel], Awaitable[None]],
         errors: ErrorTable,
         retries: int,
+        timeout: float = 10.0,
     ) -> None:
         self._connect = connect
         self._declare_own = declare_own
         self._errors = errors
         self._retries = retries
+        self._timeout = timeout
         self._connection: aiormq.Connection | None = None
         self._channel: AbstractChannel | None = None
         self._declared: set[str] = set()
@@ -84,20 +91,35 @@ class Publisher:
         for attempt in range(self._retries + 1):
             channel = None
             try:
-                channel = await self._ready()
-                if declare is not None and declare not in self._declared:
-                    async with self._lock:  # once, not by every sender of this moment
-                        if declare not in self._declared:
-                            await self._declare_task_queue(declare)
-                with self._errors.translating("publishing"):
-                    await channel.basic_publish(
-                        message.body,
-                        exchange=exchange,
-                        routing_key=routing_key,
-                        properties=properties,
-                        mandatory=True,
-                    )
-                return
+                try:
+                    with self._errors.translating("publishing"):
+                        try:
+                            async with asyncio.timeout(self._timeout):
+                                channel = await self._ready()
+                                if declare is not None and declare not in self._declared:
+                                    async with self._lock:  # once, not by every sender now
+                                        if declare not in self._declared:
+                                            await self._declare_task_queue(declare)
+                                await channel.basic_publish(
+                                    message.body,
+                                    exchange=exchange,
+                                    routing_key=routing_key,
+                                    properties=properties,
+                                    mandatory=True,
+                                )
+                        except TimeoutError:
+                            raise TimeoutError(
+                                f"the broker did not answer within {self._timeout:g} s"
+                            ) from None
+                    return
+                except asyncio.CancelledError:
+                    task = asyncio.current_task()
+                    if task is None or task.cancelling():
+                        raise  # the caller's own cancellation
+                    # aiormq cancels what waits on a connection it found stuck
+                    # (no heartbeat): the connection is lost, not this caller.
+                    lost = ConnectionError("the connection to the broker stopped answering")
+                    raise (self._errors.translate(lost, "publishing") or lost) from lost
             except Exception as exc:
                 cause = exc.__cause__ if exc.__cause__ is not None else exc
                 if isinstance(cause, amqp_errors.PublishError):

@@ -50,6 +50,7 @@ BACKEND_OPTIONS: dict[str, Callable[[str], Any]] = {
     "max_buffered": int,
     "persistent": _boolean,
     "connect_timeout": float,
+    "command_timeout": float,
     "heartbeat": int,
     "reply_queue": str,
     "default_queue": str,
