@@ -324,6 +324,42 @@ async def test_a_first_read_never_repeats_news_its_waiter_had() -> None:
         await store.aclose()
 
 
+class FailingReads(FakeStore):
+    """Every read fails for each id it asks for (a per-id exception)."""
+
+    async def _read_raw(self, task_ids: Sequence[str]) -> list[Any]:
+        self.reads.append(list(task_ids))
+        return [PermissionError("unreadable") for _ in task_ids]
+
+
+async def test_a_first_reads_own_failure_reaches_a_waiter_that_had_news() -> None:
+    store = FailingReads()
+    try:
+        hub = WaiterHub(store, FakePush(), "hub")
+        w = hub.waiter(["t"])
+        assert w.enter_now()
+        hub.deliver("t", store.put("t", "STARTED"))  # news before the first read
+        assert (await next_meta(w)).status == "STARTED"
+        with pytest.raises(PermissionError):
+            await next_meta(w)  # the first read's failure, not swallowed
+        w.close()
+    finally:
+        await store.aclose()
+
+
+async def test_a_waiter_that_leaves_before_its_first_read_leaves_nothing(
+    store: FakeStore,
+) -> None:
+    hub = WaiterHub(store, FakePush(), "hub")
+    w = hub.waiter(["t"], ready_only=True)
+    assert w.enter_now()
+    hub.deliver("t", store.put("t", "SUCCESS", 1))  # a sibling's wake in this same step
+    assert (await next_meta(w)).result == 1
+    w.close()
+    await asyncio.sleep(0.05)
+    assert len(hub) == 0 and not hub.watched and not hub._told and not hub._last
+
+
 async def test_a_read_overlapped_by_news_is_read_again_only_if_it_disagrees() -> None:
     store = SnapshotStore([])
     try:

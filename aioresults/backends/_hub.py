@@ -61,7 +61,7 @@ class WaiterHub:
         self._reading: set[Waiter] = set()
         # Waiters awaiting their first read that news of an id reached already:
         # that read finding the same record does not hand it to them twice.
-        self._told: set[tuple[Waiter, str]] = set()
+        self._told: dict[Waiter, set[str]] = {}
         self._settling = False
         self._refresh_ids: set[str] = set()
         self._refresh_all = False
@@ -159,6 +159,8 @@ class WaiterHub:
 
     def _remove(self, waiter: Waiter) -> None:
         self._to_read.discard(waiter)
+        if self._told:
+            self._told.pop(waiter, None)
         gone = []
         watched = self.watched
         removed = False
@@ -221,7 +223,7 @@ class WaiterHub:
             self._reading = set()
             if self._told:
                 to_read = self._to_read
-                self._told = {t for t in self._told if t[0] in to_read}
+                self._told = {w: ids for w, ids in self._told.items() if w in to_read}
 
     async def _settle_readers(self) -> None:
         batch, self._to_watch = self._to_watch, set()
@@ -313,11 +315,13 @@ class WaiterHub:
             found = self.watched.get(task_id)
             if found is None:
                 continue
-            told = self._told
+            # The record the waiters hold (not this read's own failure): a
+            # reader that had it as news while it waited for this read has it.
+            known = bool(self._told) and record is not None and record is last_seen.get(task_id)
             for waiter in (found,) if type(found) is Waiter else found:  # type: ignore[union-attr]
                 if waiter in readers and (raw is not None or not waiter.ready_only):
-                    if told and record is not None and (waiter, task_id) in told:
-                        continue  # it had this record as news while it waited for this read
+                    if known and task_id in self._told.get(waiter, ()):
+                        continue
                     if record is None:  # for a waiter that wants PENDING when there is none
                         record = Record(task_id, None, self._source._decode)
                     waiter._put(record)
@@ -367,13 +371,13 @@ class WaiterHub:
             if raw is not None or not found.ready_only:
                 found._put(record)
                 if unread and (found in self._to_read or found in self._reading):
-                    self._told.add((found, task_id))
+                    self._told.setdefault(found, set()).add(task_id)
             return True
         for waiter in found:  # type: ignore[union-attr]
             if raw is not None or not waiter.ready_only:
                 waiter._put(record)
                 if unread and (waiter in self._to_read or waiter in self._reading):
-                    self._told.add((waiter, task_id))
+                    self._told.setdefault(waiter, set()).add(task_id)
         return True
 
     def resynced(self, feed: Feed) -> None:

@@ -66,6 +66,9 @@ from pamqp.commands import Basic
 import aioresults as ar
 from aioresults import states
 from aioresults.backends.amqp import RPCBackend
+from aioresults.backends.amqp._connection import error_table
+from aioresults.backends.amqp._messages import Outgoing
+from aioresults.backends.amqp._publisher import Publisher
 from tests.servers import free_port
 from tests.services import RabbitMQServer
 
@@ -1105,3 +1108,50 @@ async def test_a_frozen_broker_is_unavailable_not_a_hang(own_rabbitmq: RabbitMQS
                 except ar.BackendUnavailable:
                     await asyncio.sleep(0.1)
         assert await ar.AsyncResult(task_id, backend).get(timeout=WAIT) == "after"
+
+
+async def test_a_slow_confirmation_is_not_published_again_nor_closes_the_connection() -> None:
+    # The publisher's policy alone, on a stand-in connection: a healthy broker
+    # that confirms a burst in order, 2 ms apart, past the publish timeout for
+    # most of it. Each message must reach it once, on one connection; those
+    # confirmed late fail with BackendUnavailable (they may still arrive).
+    published: list[int] = []
+    connections: list[object] = []
+
+    class Channel:
+        is_closed = False
+
+        async def basic_publish(self, body: bytes, **_: Any) -> None:
+            published.append(1)
+            confirmed = asyncio.get_running_loop().create_future()
+            asyncio.get_running_loop().call_later(
+                0.002 * len(published), lambda: confirmed.done() or confirmed.set_result(None)
+            )
+            await confirmed
+
+    class Connection:
+        is_closed = False
+
+        async def channel(self, publisher_confirms: bool = True) -> Channel:
+            return Channel()
+
+        async def close(self) -> None:
+            self.is_closed = True
+
+    async def connect() -> Any:
+        connections.append(Connection())
+        return connections[-1]
+
+    async def declare_own(channel: Any) -> None:
+        pass
+
+    publisher = Publisher(connect, declare_own, error_table(lambda: "broker"), 3, timeout=0.1)
+    message = Outgoing(body=b"{}", properties={})
+    outcomes = await asyncio.gather(
+        *(publisher.publish(message, exchange="", routing_key="q") for _ in range(200)),
+        return_exceptions=True,
+    )
+    assert len(published) == 200 and len(connections) == 1
+    late = [o for o in outcomes if o is not None]
+    assert late and all(isinstance(o, ar.BackendUnavailable) for o in late)
+    assert "may still arrive" in str(late[0])

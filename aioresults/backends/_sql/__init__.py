@@ -29,7 +29,6 @@ names. A dialect supplies the statements.
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import logging
 import time
@@ -87,9 +86,8 @@ class SQLBackend(BaseBackend):
     :param retries: attempts after a lost connection or a deadlock (0.05 s
         back-off doubling to 1 s) before an operation raises
         :class:`~aioresults.BackendUnavailable`.
-    :param command_timeout: seconds an operation may take (a connection taken
-        from the pool or made, and its statements) before it counts as a lost
-        connection (None: for ever).
+    :param command_timeout: seconds a statement, or making a connection, may
+        take before it counts as a lost connection (None: for ever).
     :param max_batch: the most writes committed in one transaction.
     :param options: the options of :class:`~aioresults.BaseBackend`.
     """
@@ -171,19 +169,12 @@ class SQLBackend(BaseBackend):
         return checked
 
     async def _attempt(self, doing: str, operation: Callable[[], Awaitable[T]]) -> T:
-        """``operation()``, its driver errors translated; again after a transient one.
-
-        Each attempt as a whole (a connection taken from the pool or made, and
-        the statements) is bounded by ``command_timeout``: a server that stops
-        answering fails the attempt, not only the statement it was running.
-        """
+        """``operation()``, its driver errors translated; again after a transient one."""
         backoff = Backoff(0.05, 1.0)
         while True:
             try:
                 with self._errors.translating(doing):
-                    # The drivers run on asyncio only: asyncio's timeout serves.
-                    async with asyncio.timeout(self.command_timeout):
-                        return await operation()
+                    return await operation()
             except BackendError as exc:
                 cause = exc.__cause__
                 if cause is None or backoff.attempts >= self.retries:

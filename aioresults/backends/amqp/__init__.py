@@ -102,10 +102,9 @@ class RPCBackend(NoGroupsOrChords, BaseBackend):
         ``task_default_queue``.
     :param task_serializer: ``"json"`` (default) or ``"msgpack"``, for task messages.
     :param connect_timeout: seconds to connect before giving up.
-    :param command_timeout: seconds a publish (with the broker's confirmation)
-        may take before its connection counts as lost and it is tried on a new
-        one; after ``publish_retries`` of those it raises
-        :class:`~aioresults.BackendUnavailable`.
+    :param command_timeout: seconds a publish may wait for the broker's
+        confirmation; then it raises :class:`~aioresults.BackendUnavailable`
+        (the message may still arrive: it is not sent again).
     :param heartbeat: seconds between AMQP heartbeats (a dead peer is noticed
         after about three).
     :param publish_retries: new connections a publish tries after a lost one.

@@ -15,8 +15,10 @@ already, whatever its arguments (a quorum queue, a priority queue).
 A publish that fails because the connection was lost is retried on a new one
 (``retries`` times, with back-off). One the broker had received but not yet
 confirmed is then published twice: delivery is at least once, as with Celery.
-A broker that stops answering (a frozen or black-holed host) counts as lost
-once an attempt has waited ``timeout`` seconds for it.
+A publish the broker has not confirmed within ``timeout`` seconds raises
+:class:`~aioresults.BackendUnavailable` and is not sent again (the broker may
+have it), nor is its connection closed (other messages may wait on it): a
+broker that stopped answering is found out by the connection's heartbeats.
 """
 
 from __future__ import annotations
@@ -45,6 +47,10 @@ class Unroutable(BackendError):
     """The broker returned a message: no queue is bound for its routing key."""
 
 
+class _Unconfirmed(TimeoutError):
+    """No answer from the broker within the publish timeout."""
+
+
 class Publisher:
     """Publishes confirmed messages; see the module docstring.
 
@@ -52,8 +58,8 @@ class Publisher:
     :param declare_own: declares the backend's reply queue on a channel.
     :param errors: translates aiormq's errors.
     :param retries: new connections tried after a lost one, per message.
-    :param timeout: seconds an attempt (connecting, declaring, publishing and
-        the broker's confirmation) may take before its connection counts as lost.
+    :param timeout: seconds a publish (connecting, declaring, publishing and
+        the broker's confirmation) may take.
     """
 
     def __init__(
@@ -108,8 +114,9 @@ class Publisher:
                                     mandatory=True,
                                 )
                         except TimeoutError:
-                            raise TimeoutError(
-                                f"the broker did not answer within {self._timeout:g} s"
+                            raise _Unconfirmed(
+                                f"the broker did not answer within {self._timeout:g} s "
+                                "(the message may still arrive)"
                             ) from None
                     return
                 except asyncio.CancelledError:
@@ -130,6 +137,8 @@ class Publisher:
                     raise Unroutable(str(cause)) from cause
                 if self._closed and not isinstance(exc, BackendClosed):
                     raise BackendClosed("the backend was closed while publishing") from exc
+                if isinstance(cause, _Unconfirmed):
+                    raise  # see the module docstring
                 if channel is not None and (channel.is_closed or is_connection_error(cause)):
                     self._forget(channel)
                 if self._closed or not is_connection_error(cause) or attempt == self._retries:

@@ -228,7 +228,7 @@ class MySQLBackend(SQLBackend):
         """A connection of the pool (see :func:`._connection.connection`)."""
         if self._pool is None:
             raise BackendUnavailable(f"{self!r} is not open")
-        async with connection(self._pool) as conn:
+        async with connection(self._pool, self.command_timeout) as conn:
             yield conn
 
     async def _run(self, conn: Any, sql: str, args: Sequence[Any] | None = None) -> list[Result]:

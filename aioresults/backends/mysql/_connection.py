@@ -134,17 +134,27 @@ def chunks(writes: Sequence[Write]) -> Iterator[Sequence[Write]]:
 
 
 @contextlib.asynccontextmanager
-async def connection(pool: Any) -> AsyncIterator[Any]:
-    """A connection of ``pool``, closed if it fails or is cancelled mid-way."""
+async def connection(pool: Any, timeout: float | None = None) -> AsyncIterator[Any]:
+    """A connection of ``pool``, taken (or made) within ``timeout`` seconds, and
+    closed if it fails or is cancelled mid-way.
+
+    asyncmy's own ``connect_timeout`` covers the TCP connection, not the
+    handshake after it: a server that takes connections but stops answering
+    would hold the caller for ever.
+    """
     task = asyncio.current_task()
     cancels = task.cancelling() if task is not None else 0
-    conn = await pool.acquire()
-    try:
+    async with asyncio.timeout(timeout):
+        conn = await pool.acquire()
         if task is not None and task.cancelling() > cancels:
             # asyncmy 0.2.18's pool can swallow a cancellation that lands while
             # it hands a connection over: deliver it (a cancelled poller would
-            # otherwise poll on after its backend closed).
+            # otherwise poll on after its backend closed; an expired timeout
+            # turns it into TimeoutError).
+            conn.close()
+            pool.release(conn)
             raise asyncio.CancelledError
+    try:
         yield conn
     except BaseException:
         conn.close()

@@ -204,6 +204,9 @@ class PostgresBackend(SQLBackend):
         """asyncpg's arguments for the connections of reads and writes."""
         return {
             "command_timeout": self.command_timeout,
+            # Making a connection (the handshake included): a server that
+            # takes connections but stops answering must not hold a caller.
+            "timeout": self.command_timeout or 60.0,
             # PostgreSQL would plan the batch write anew at each run (its
             # parameters are arrays): planning costs more than running it.
             **self._connect_kwargs(self._dsn, "aioresults", plan_cache_mode="force_generic_plan"),
