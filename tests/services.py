@@ -658,7 +658,9 @@ class MariaDBServer(_Server):
     def _argv(self) -> list[str]:
         return [
             "/usr/sbin/mariadbd" if os.path.exists("/usr/sbin/mariadbd") else "mariadbd",
-            "--no-defaults", f"--datadir={self.data}",
+            # Temporary tables in the server's own directory, not the shared /tmp
+            # (whose cleaners once deleted one mid-test).
+            "--no-defaults", f"--datadir={self.data}", f"--tmpdir={self.data}",
             f"--port={self.port}", "--bind-address=127.0.0.1", f"--socket={self.socket_path}",
             f"--pid-file={self.directory / 'mariadb.pid'}", "--skip-log-bin",
             "--skip-name-resolve", "--innodb-flush-log-at-trx-commit=2",
