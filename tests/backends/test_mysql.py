@@ -20,6 +20,7 @@ import pytest
 import aioresults as ar
 from aioresults import states
 from aioresults.backends.mysql import MySQLBackend
+from aioresults.backends.mysql._connection import connection
 from tests.plugins.mysql import fresh_database, mysql_sql
 from tests.servers import free_port
 from tests.services import MariaDBServer
@@ -97,6 +98,60 @@ async def test_ids_ending_in_a_space_are_refused(make_mysql_backend: Any) -> Non
     with pytest.raises(ar.InvalidTaskId, match="space"):
         await backend.mark_as_done("a ", 1)
     await backend.mark_as_done("a b", 1)  # inside: fine
+
+
+class _UnansweredPool:
+    """A stand-in for asyncmy's pool making a connection to a server that
+    stopped answering: the first cancellation is lost (Python 3.11's
+    ``asyncio.wait_for`` drops one that lands as the TCP connection completes),
+    then the handshake waits for ever, or with ``hand_over`` the connection is
+    handed over anyway."""
+
+    def __init__(self, hand_over: bool) -> None:
+        self.hand_over = hand_over
+        self.lost = 0
+        self.closed: list[object] = []
+        self.released: list[object] = []
+
+    async def acquire(self) -> Any:
+        try:
+            await asyncio.sleep(3600)  # the TCP connection
+        except asyncio.CancelledError:
+            self.lost += 1
+        conn = self
+        if self.hand_over:
+            return conn
+        await asyncio.sleep(3600)  # the handshake
+        return conn
+
+    def close(self) -> None:  # the connection's own
+        self.closed.append(self)
+
+    def release(self, conn: object) -> None:
+        self.released.append(conn)
+
+
+@pytest.mark.parametrize("hand_over", [False, True], ids=["handshake", "hand-over"])
+async def test_taking_a_connection_ends_at_its_deadline_past_a_lost_cancellation(
+    hand_over: bool,
+) -> None:
+    pool = _UnansweredPool(hand_over)
+    with anyio.fail_after(10):  # before: held for the hour of the handshake
+        with pytest.raises(TimeoutError):
+            async with connection(pool, 0.05):
+                pytest.fail("no connection is handed out past its deadline")
+    assert pool.lost == 1
+    assert (pool.closed, pool.released) == (([pool], [pool]) if hand_over else ([], []))
+    assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
+
+
+async def test_a_caller_cancelled_past_its_deadline_is_cancelled_not_timed_out() -> None:
+    pool = _UnansweredPool(hand_over=False)
+    taking = asyncio.create_task(connection(pool, 0.05).__aenter__())
+    await until(lambda: pool.lost == 1)  # the deadline's cancellation, lost
+    taking.cancel()  # the caller's own, say at shutdown
+    with pytest.raises(asyncio.CancelledError):
+        await taking
 
 
 # ------------------------------------------------------------------ tables
@@ -299,3 +354,25 @@ async def test_a_frozen_server_is_unavailable_not_a_hang(
         task_id = new_id()
         assert await backend.mark_as_done(task_id, "after")
         assert (await backend.get_meta(task_id)).result == "after"
+
+
+async def test_callers_queued_for_a_pool_connection_fail_in_time_on_a_frozen_server(
+    own_mariadb: MariaDBServer, restartable: str
+) -> None:
+    # 40 callers, 2 connections: the 38 that wait for one (or make one, whose
+    # handshake never ends) are bounded by the command timeout too.
+    options: dict[str, Any] = {"command_timeout": 0.5, "retries": 0, "pool_size": 2}
+    async with MySQLBackend(restartable, **options) as backend:
+        await backend.save_group(new_id(), [])
+        own_mariadb.freeze()
+        try:
+            calls = [backend.restore_group(new_id()) for _ in range(20)]
+            calls += [backend.forget(new_id()) for _ in range(20)]
+            with anyio.fail_after(5):  # each caller: 0.5 s queued, 0.5 s running
+                outcomes = await asyncio.gather(*calls, return_exceptions=True)
+        finally:
+            own_mariadb.thaw()
+        assert [type(o) for o in outcomes] == [ar.BackendUnavailable] * 40
+        group_id = new_id()
+        await backend.save_group(group_id, ["after"])
+        assert await backend.restore_group(group_id) == ["after"]

@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import anyio
 import anyio.to_thread
@@ -18,6 +19,7 @@ import pytest
 
 import aioresults as ar
 from aioresults.backends.postgres import PostgresBackend
+from tests.faultproxy import FaultProxy
 from tests.plugins.postgres import fresh_database, pg_sql
 from tests.servers import free_port
 from tests.services import PostgresServer
@@ -287,6 +289,33 @@ async def test_listen_url_takes_the_listen_connection_elsewhere(postgres_databas
 # ------------------------------------------------------------------ faults
 
 
+async def test_a_listen_left_unanswered_is_given_up_and_made_again(
+    postgres_database: str,
+) -> None:
+    # The LISTEN connection's statements have the command timeout too: a LISTEN
+    # whose reply never comes must not hold the feed (before: the reader heard
+    # nothing until the reply came, 60 s later).
+    url = urlsplit(postgres_database)
+    assert url.hostname is not None and url.port is not None
+    async with FaultProxy((url.hostname, url.port), framing="raw") as proxy:
+        stuck = proxy.delay(60, lambda chunk: b"LISTEN" in chunk, reply=True, times=1)
+        netloc = url.netloc.rsplit(":", 1)[0] + f":{proxy.port}"
+        listen_url = url._replace(netloc=netloc).geturl()
+        async with (
+            PostgresBackend(
+                postgres_database, listen_url=listen_url, command_timeout=0.5
+            ) as reader,
+            PostgresBackend(postgres_database) as writer,
+        ):
+            task_id = new_id()
+            waiting = asyncio.create_task(ar.AsyncResult(task_id, reader).get(timeout=30))
+            await stuck.wait()
+            await writer.mark_as_done(task_id, "heard")
+            assert await waiting == "heard"
+            stats = reader.wait_stats()
+            assert stats.feed_failures >= 1 and stats.sessions >= 1  # failed, then made
+
+
 async def test_listen_connection_killed_25_times_loses_nothing(postgres_database: str) -> None:
     database = postgres_database.rsplit("/", 1)[1]
     kill = (
@@ -360,3 +389,25 @@ async def test_a_frozen_server_is_unavailable_not_a_hang(
         task_id = new_id()
         assert await backend.mark_as_done(task_id, "after")
         assert (await backend.get_meta(task_id)).result == "after"
+
+
+async def test_callers_queued_for_a_pool_connection_fail_in_time_on_a_frozen_server(
+    own_postgres: PostgresServer, restartable: str
+) -> None:
+    # 40 callers, 2 connections: the 38 that wait for one are bounded by the
+    # command timeout too, not by the 2 that hold them (before: 10-22 s in all).
+    options: dict[str, Any] = {"command_timeout": 0.5, "retries": 0, "pool_size": 2}
+    async with PostgresBackend(restartable, **options) as backend:
+        await backend.save_group(new_id(), [])
+        own_postgres.freeze()
+        try:
+            calls = [backend.restore_group(new_id()) for _ in range(20)]
+            calls += [backend.forget(new_id()) for _ in range(20)]
+            with anyio.fail_after(5):  # each caller: 0.5 s queued, 0.5 s running
+                outcomes = await asyncio.gather(*calls, return_exceptions=True)
+        finally:
+            own_postgres.thaw()
+        assert [type(o) for o in outcomes] == [ar.BackendUnavailable] * 40
+        group_id = new_id()
+        await backend.save_group(group_id, ["after"])
+        assert await backend.restore_group(group_id) == ["after"]

@@ -133,6 +133,45 @@ def chunks(writes: Sequence[Write]) -> Iterator[Sequence[Write]]:
     yield writes[start:]
 
 
+class _Deadline:
+    """``asyncio.timeout`` that does not take no for an answer: once ``delay``
+    has passed, the task is cancelled, and again every 0.1 s until the block
+    ends. Leaving the block then raises :class:`TimeoutError`.
+
+    asyncmy 0.2.18 makes a connection with Python 3.11's ``asyncio.wait_for``,
+    which swallows a cancellation that lands as the TCP connection completes;
+    the handshake after it waits with no timeout of its own, so one
+    cancellation may not end the wait for a server that stopped answering.
+    """
+
+    __slots__ = ("_before", "_delay", "_fired", "_handle", "_task")
+
+    def __init__(self, delay: float | None) -> None:
+        self._delay = delay
+        self._fired = 0
+        self._handle: asyncio.TimerHandle | None = None
+
+    async def __aenter__(self) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._task, self._before = task, task.cancelling()
+        if self._delay is not None:
+            self._handle = asyncio.get_running_loop().call_later(self._delay, self._fire)
+
+    def _fire(self) -> None:
+        self._fired += 1
+        self._task.cancel()
+        self._handle = asyncio.get_running_loop().call_later(0.1, self._fire)
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+        for _fired in range(self._fired):
+            self._task.uncancel()
+        if self._fired and self._task.cancelling() <= self._before:  # nobody else cancelled
+            raise TimeoutError
+
+
 @contextlib.asynccontextmanager
 async def connection(pool: Any, timeout: float | None = None) -> AsyncIterator[Any]:
     """A connection of ``pool``, taken (or made) within ``timeout`` seconds, and
@@ -144,13 +183,13 @@ async def connection(pool: Any, timeout: float | None = None) -> AsyncIterator[A
     """
     task = asyncio.current_task()
     cancels = task.cancelling() if task is not None else 0
-    async with asyncio.timeout(timeout):
+    async with _Deadline(timeout):
         conn = await pool.acquire()
         if task is not None and task.cancelling() > cancels:
             # asyncmy 0.2.18's pool can swallow a cancellation that lands while
             # it hands a connection over: deliver it (a cancelled poller would
-            # otherwise poll on after its backend closed; an expired timeout
-            # turns it into TimeoutError).
+            # otherwise poll on after its backend closed; past the deadline it
+            # becomes TimeoutError).
             conn.close()
             pool.release(conn)
             raise asyncio.CancelledError

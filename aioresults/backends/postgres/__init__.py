@@ -29,10 +29,12 @@ asyncpg's (``sslmode``, ``application_name``, any server setting...).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
 import logging
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from typing import Any, ClassVar
 from urllib.parse import urlencode, urlunsplit
 
@@ -222,7 +224,7 @@ class PostgresBackend(SQLBackend):
                     reset=_keep_session,
                     **self._session(),
                 )
-                async with self._pool.acquire() as conn:
+                async with self._connection(self._pool) as conn:
                     layout = await _schema.prepare(
                         conn, self.names, create=self.create, trigger=self.notify_trigger
                     )
@@ -261,6 +263,8 @@ class PostgresBackend(SQLBackend):
             conn: asyncpg.Connection = await asyncpg.connect(
                 self._listen_dsn,
                 timeout=self.command_timeout or 60,
+                # LISTEN and the trigger query: a frozen server must not hold a session.
+                command_timeout=self.command_timeout,
                 **self._connect_kwargs(self._listen_dsn, APPLICATION_NAME),
             )
         keep_alive(conn)
@@ -274,6 +278,30 @@ class PostgresBackend(SQLBackend):
             raise BackendUnavailable(f"{self!r} is not open")
         return self._pool, self._sql
 
+    @contextlib.asynccontextmanager
+    async def _connection(self, pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
+        """A connection of ``pool``, waited for no longer than ``command_timeout``
+        (as its reset on release): ``pool.fetch()`` and the like wait for a free
+        one for ever, so callers queued behind those held by a server that
+        stopped answering would outlive every timeout of their own.
+
+        asyncio's timeout, not asyncpg's ``acquire(timeout=)``, which runs
+        ``asyncio.wait_for``: a task more per operation.
+        """
+        async with asyncio.timeout(self.command_timeout):
+            conn: asyncpg.Connection = await pool.acquire()
+        try:
+            yield conn
+        finally:
+            await pool.release(conn, timeout=self.command_timeout)
+
+    async def _fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
+        """``query``'s rows, on a connection of the pool (see :meth:`_connection`)."""
+        pool, _ = self._live()
+        async with self._connection(pool) as conn:
+            rows: list[asyncpg.Record] = await conn.fetch(query, *args)
+            return rows
+
     def _transient(self, exc: BaseException) -> bool:
         return isinstance(exc, _TRANSIENT) or (
             isinstance(exc, asyncpg.InterfaceError) and _closed(exc)
@@ -282,8 +310,8 @@ class PostgresBackend(SQLBackend):
     # ------------------------------------------------------------ records
 
     async def _select_rows(self, task_ids: Sequence[str]) -> list[tuple[Any, ...]]:
-        pool, sql = self._live()
-        return [tuple(row) for row in await pool.fetch(sql.read, task_ids)]
+        _, sql = self._live()
+        return [tuple(row) for row in await self._fetch(sql.read, task_ids)]
 
     async def _store_rows(self, writes: Sequence[Write]) -> Collection[str]:
         _, sql = self._live()
@@ -299,25 +327,25 @@ class PostgresBackend(SQLBackend):
         return {row[0] for row in rows}
 
     async def _forget(self, task_id: str) -> None:
-        pool, sql = self._live()
-        await self._attempt("forgetting a result", lambda: pool.execute(sql.forget, task_id))
+        _, sql = self._live()
+        await self._attempt("forgetting a result", lambda: self._fetch(sql.forget, task_id))
 
     # ------------------------------------------------------------ groups
 
     async def _store_group(
         self, group_id: str, payload: bytes, date_done: dt.datetime, deadline: float | None
     ) -> None:
-        pool, sql = self._live()
-        await pool.execute(sql.store_group, group_id, payload, date_done, deadline)
+        _, sql = self._live()
+        await self._fetch(sql.store_group, group_id, payload, date_done, deadline)
 
     async def _select_group(self, group_id: str) -> tuple[Any, ...] | None:
-        pool, sql = self._live()
-        row = await pool.fetchrow(sql.read_group, group_id)
-        return None if row is None else tuple(row)
+        _, sql = self._live()
+        rows = await self._fetch(sql.read_group, group_id)
+        return tuple(rows[0]) if rows else None
 
     async def _delete_group(self, group_id: str) -> None:
-        pool, sql = self._live()
-        await self._attempt("deleting a group", lambda: pool.execute(sql.delete_group, group_id))
+        _, sql = self._live()
+        await self._attempt("deleting a group", lambda: self._fetch(sql.delete_group, group_id))
 
     # ------------------------------------------------------------ chords
 
@@ -326,7 +354,7 @@ class PostgresBackend(SQLBackend):
         deadline = expires_at(self.chord_expires)
 
         async def start() -> None:
-            async with pool.acquire() as conn, conn.transaction():
+            async with self._connection(pool) as conn, conn.transaction():
                 await conn.execute(sql.chord_start, group_id, size, deadline)
                 await conn.execute(sql.chord_forget_parts, group_id)
 
@@ -338,7 +366,7 @@ class PostgresBackend(SQLBackend):
         pool, sql = self._live()
 
         async def count() -> PartCount | None:
-            async with pool.acquire() as conn, conn.transaction():
+            async with self._connection(pool) as conn, conn.transaction():
                 chord = await conn.fetchrow(sql.chord_lock, group_id)
                 if chord is None or (chord[1] is not None and chord[1] <= time.time()):
                     return None
@@ -356,8 +384,10 @@ class PostgresBackend(SQLBackend):
         return await self._attempt("counting a chord part", count)
 
     async def _chord_parts(self, group_id: str) -> list[bytes]:
-        pool, sql = self._live()
-        rows = await self._attempt("reading a chord", lambda: pool.fetch(sql.chord_parts, group_id))
+        _, sql = self._live()
+        rows = await self._attempt(
+            "reading a chord", lambda: self._fetch(sql.chord_parts, group_id)
+        )
         return [bytes(row[0]) for row in rows]
 
     # ------------------------------------------------------------ housekeeping
@@ -365,7 +395,7 @@ class PostgresBackend(SQLBackend):
     async def _delete_expired(self, now: float, cutoff: dt.datetime | None) -> int:
         pool, sql = self._live()
         deleted = 0
-        async with pool.acquire() as conn, conn.transaction():
+        async with self._connection(pool) as conn, conn.transaction():
             for statement, takes_now, takes_cutoff in sql.cleanup_counted:
                 args = [now] if takes_now else [cutoff] if takes_cutoff else []
                 status = await conn.execute(statement, *args)
