@@ -14,10 +14,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
+from typing import Any
 
 import anyio
+import pytest
 
-__all__ = ["Stalls", "watching_stalls"]
+import aioresults as ar
+
+__all__ = ["Stalls", "time_out", "watching_stalls"]
 
 TICK = 0.005
 
@@ -49,3 +53,17 @@ async def watching_stalls() -> AsyncIterator[Stalls]:
         ticking.start_soon(tick)
         yield stalls
         ticking.cancel_scope.cancel()
+
+
+async def time_out(result: ar.AsyncResult[Any], timeout: float) -> tuple[float, float]:
+    """Wait on ``result`` for ``timeout`` seconds, which must end in
+    :class:`~aioresults.ResultTimeout` for it alone: (seconds it took, the
+    event loop's worst stall meanwhile)."""
+    async with watching_stalls() as stalls:
+        started = anyio.current_time()
+        with pytest.raises(ar.ResultTimeout) as caught:
+            await result.get(timeout=timeout)
+        elapsed = anyio.current_time() - started
+    assert isinstance(caught.value, TimeoutError)
+    assert caught.value.task_ids == (result.id,)
+    return elapsed, stalls.worst

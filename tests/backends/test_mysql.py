@@ -21,6 +21,7 @@ import aioresults as ar
 from aioresults import states
 from aioresults.backends.mysql import MySQLBackend
 from aioresults.backends.mysql._connection import connection
+from tests.backends.frozen import queued_callers_fail_in_time
 from tests.plugins.mysql import fresh_database, mysql_sql
 from tests.servers import free_port
 from tests.services import MariaDBServer
@@ -359,20 +360,6 @@ async def test_a_frozen_server_is_unavailable_not_a_hang(
 async def test_callers_queued_for_a_pool_connection_fail_in_time_on_a_frozen_server(
     own_mariadb: MariaDBServer, restartable: str
 ) -> None:
-    # 40 callers, 2 connections: the 38 that wait for one (or make one, whose
-    # handshake never ends) are bounded by the command timeout too.
     options: dict[str, Any] = {"command_timeout": 0.5, "retries": 0, "pool_size": 2}
     async with MySQLBackend(restartable, **options) as backend:
-        await backend.save_group(new_id(), [])
-        own_mariadb.freeze()
-        try:
-            calls = [backend.restore_group(new_id()) for _ in range(20)]
-            calls += [backend.forget(new_id()) for _ in range(20)]
-            with anyio.fail_after(5):  # each caller: 0.5 s queued, 0.5 s running
-                outcomes = await asyncio.gather(*calls, return_exceptions=True)
-        finally:
-            own_mariadb.thaw()
-        assert [type(o) for o in outcomes] == [ar.BackendUnavailable] * 40
-        group_id = new_id()
-        await backend.save_group(group_id, ["after"])
-        assert await backend.restore_group(group_id) == ["after"]
+        await queued_callers_fail_in_time(backend, own_mariadb)
