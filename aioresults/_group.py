@@ -16,6 +16,18 @@ from ._result import AsyncResult, iter_updates, value_of
 
 __all__ = ["GroupResult", "ResultSet", "result_from_tuple"]
 
+_UNREAD: Any = object()
+
+
+async def _read_metas(
+    backend: ResultReader, task_ids: list[str]
+) -> tuple[list[Any], list[Any], list[ResultMeta | None]]:
+    """What ``BaseBackend._read_values`` returns, for a reader without it:
+    every record decoded."""
+    metas: list[ResultMeta | None] = list(await backend.get_many(task_ids))
+    return [None] * len(metas), [None] * len(metas), metas
+
+
 T = TypeVar("T", default=Any)
 
 
@@ -183,35 +195,43 @@ class ResultSet(Generic[T]):
         :raises ResultTimeout: not every member was ready in time.
         """
         deadline = _runtime.deadline_after(timeout)
-        unread = [r for r in self.results if r._meta is None]
+        unread = [r for r in self.results if r._record is None]
+        found: dict[str, Any] = {}  # values of plain SUCCESS records, by id
+        waiting = False
         if unread:
             # One batched read first: a finished set needs nothing more.
-            read = self.backend.get_many([r.id for r in unread])
+            ids = [r.id for r in unread]
+            read_values = getattr(self.backend, "_read_values", None)  # a BaseBackend's
+            read = read_values(ids) if read_values is not None else _read_metas(self.backend, ids)
             try:
-                metas = await _runtime.within(read, deadline) if timeout else await read
+                raws, values, metas = (
+                    await _runtime.within(read, deadline) if timeout else await read
+                )
             except TimeoutError:
                 assert timeout is not None
-                raise ResultTimeout([r.id for r in unread], timeout) from None
+                raise ResultTimeout(ids, timeout) from None
             ready_states, failed = states.READY_STATES, states.PROPAGATE_STATES
-            waiting = False
-            for result, meta in zip(unread, metas, strict=True):
+            for result, raw, value, meta in zip(unread, raws, values, metas, strict=True):
+                if meta is None:
+                    # A plain SUCCESS: kept as read (AsyncResult._meta decodes it on demand).
+                    result._record = raw
+                    found[result.id] = value
+                    continue
                 status = meta.status
                 if status in ready_states:  # result._remember(meta), inlined: joins of thousands
-                    result._meta = meta
+                    result._record = meta
                     if propagate and status in failed:
                         value_of(meta, propagate=True)
                 else:
                     waiting = True
-        else:
-            waiting = False
         if waiting:
             if timeout == 0:
-                raise ResultTimeout([r.id for r in self.results if r._meta is None], 0)
+                raise ResultTimeout([r.id for r in self.results if r._record is None], 0)
             remaining = None if deadline is None else deadline - _runtime.now()
             by_id = {r.id: r for r in self.results}
             try:
                 if remaining is not None and remaining <= 0:
-                    raise ResultTimeout([r.id for r in self.results if r._meta is None], 0)
+                    raise ResultTimeout([r.id for r in self.results if r._record is None], 0)
                 async with aclosing(self._ready_metas(remaining)) as ready:
                     async for meta in ready:
                         by_id[meta.task_id]._remember(meta)
@@ -221,16 +241,20 @@ class ResultSet(Generic[T]):
                 assert timeout is not None
                 raise ResultTimeout(exc.task_ids, timeout) from None
             for result in self.results:  # duplicates of one id share its record
-                if result._meta is None:
+                if result._record is None:
                     result._remember(by_id[result.id]._meta)  # type: ignore[arg-type]
-        values: list[Any] = []
-        append, success = values.append, states.SUCCESS
+        out: list[Any] = []
+        append, success, missing = out.append, states.SUCCESS, found.get
         for result in self.results:
+            value = missing(result.id, _UNREAD) if found else _UNREAD
+            if value is not _UNREAD:
+                append(value)
+                continue
             done = result._meta
             assert done is not None
             # value_of(done, propagate), inlined for the common case.
             append(done.result if done.status == success else value_of(done, propagate))
-        return values
+        return out
 
     async def as_completed(
         self, timeout: float | None = None

@@ -299,26 +299,46 @@ def _jsonable(value: Any, depth: int = 0) -> Any:
     return repr(value)
 
 
-def success_from_dict(data: Any, task_id: str) -> ResultMeta | None:
-    """The meta of a plain SUCCESS record of ``task_id`` (Celery's basic keys
-    only, no other id, an ISO date or none), built with nothing but the checks
-    it needs; None for any other record (:meth:`ResultMeta.from_dict` reads it).
+_NOT_PLAIN: Any = object()
 
-    Joins read thousands of such records: this is their path.
-    """
+
+def _plain_date(data: Any, task_id: str) -> Any:
+    """The parsed ``date_done`` (None if unset) of a plain SUCCESS record of
+    ``task_id``: Celery's basic keys only, no other id, an ISO date or none;
+    ``_NOT_PLAIN`` for any other record."""
     if type(data) is not dict or not data.keys() <= _BASIC:
-        return None
+        return _NOT_PLAIN
     get = data.get
     if get("status") != states.SUCCESS or get("task_id", task_id) != task_id:
-        return None
+        return _NOT_PLAIN
     date_done = get("date_done")
     if type(date_done) is str:
         try:
-            date_done = _fromisoformat(date_done)
+            return _fromisoformat(date_done)
         except ValueError:
-            return None  # from_dict says what is wrong
-    elif date_done is not None:
+            return _NOT_PLAIN  # from_dict says what is wrong
+    return _NOT_PLAIN if date_done is not None else None
+
+
+def plain_success(data: Any, task_id: str) -> bool:
+    """Whether ``data`` is a plain SUCCESS record of ``task_id`` (Celery's basic
+    keys only, no other id, an ISO date or none): one that
+    :meth:`ResultMeta.from_dict` decodes without an error, its ``result`` as stored.
+    """
+    return _plain_date(data, task_id) is not _NOT_PLAIN
+
+
+def success_from_dict(data: Any, task_id: str) -> ResultMeta | None:
+    """The meta of a plain SUCCESS record of ``task_id`` (see
+    :func:`plain_success`), built with nothing but the checks it needs; None
+    for any other record (:meth:`ResultMeta.from_dict` reads it).
+
+    Reads of thousands of records take this path.
+    """
+    date_done = _plain_date(data, task_id)
+    if date_done is _NOT_PLAIN:
         return None
+    get = data.get
     # Positional, in field order.
     return ResultMeta(
         task_id, states.SUCCESS, get("result"), get("traceback"), get("children"), date_done,

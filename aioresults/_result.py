@@ -131,7 +131,9 @@ class AsyncResult(Generic[T]):
     ready, since a ready record no longer changes.
     """
 
-    __slots__ = ("_meta", "backend", "id", "parent")
+    # _record: the cached ready record, a ResultMeta, or the raw payload a join
+    # left undecoded (see _meta): one slot, so a pending get() costs no more.
+    __slots__ = ("_record", "backend", "id", "parent")
 
     def __init__(
         self, id: str, backend: ResultReader, *, parent: AsyncResult[Any] | None = None
@@ -141,7 +143,7 @@ class AsyncResult(Generic[T]):
         self.id = id
         self.backend = backend
         self.parent = parent
-        self._meta: ResultMeta | None = None
+        self._record: Any = None
 
     def __repr__(self) -> str:
         return f"<AsyncResult: {self.id}>"
@@ -172,6 +174,23 @@ class AsyncResult(Generic[T]):
         return [[self.id, self.parent.as_tuple() if self.parent is not None else None], None]
 
     # ------------------------------------------------------------ reading
+
+    @property
+    def _meta(self) -> ResultMeta | None:
+        """The cached ready record, if any. A join leaves plain SUCCESS records
+        as the store gave them (a finished set of thousands then keeps no
+        object per member for the garbage collector to walk); such a record is
+        decoded here, once, when someone asks for it."""
+        record = self._record
+        if record is None or isinstance(record, ResultMeta):
+            return record
+        meta: ResultMeta = self.backend._decode(self.id, record)  # type: ignore[attr-defined]
+        self._record = meta
+        return meta
+
+    @_meta.setter
+    def _meta(self, meta: ResultMeta | None) -> None:
+        self._record = meta
 
     def _remember(self, meta: ResultMeta) -> ResultMeta:
         if meta.ready:

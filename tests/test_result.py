@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 from typing import Any
 
 import anyio
@@ -134,6 +135,52 @@ async def test_join_timeout_zero_and_duplicates(backend: MemoryBackend) -> None:
     assert caught.value.task_ids == ("d2",)
     await backend.mark_as_done("d2", 2)
     assert await dup.join(timeout=0) == [1, 2]
+
+
+async def test_a_finished_join_keeps_no_object_per_member(backend: MemoryBackend) -> None:
+    ids = [f"j{n}" for n in range(2000)]
+    for n, task_id in enumerate(ids):
+        await backend.mark_as_done(task_id, n)
+    group = ar.ResultSet([ar.AsyncResult(i, backend) for i in ids])
+    gc.collect()
+    before = len(gc.get_objects())
+    assert await group.join(timeout=5) == list(range(2000))
+    gc.collect()
+    # Objects the collector tracks: the values list and a few of the call's own;
+    # a decoded record per member would add 2,000.
+    assert len(gc.get_objects()) - before < 100
+    assert await group.join(timeout=0) == list(range(2000))  # from what the members hold
+    member = group.results[5]
+    meta = await member.meta()
+    assert meta == await backend.get_meta("j5") and meta.result == 5
+    assert await member.meta() is meta
+
+
+class _ProtocolOnly:
+    """A reader that is no BaseBackend: only what ``ResultReader`` lists."""
+
+    def __init__(self, backend: MemoryBackend) -> None:
+        self._backend = backend
+        self.get_meta = backend.get_meta
+        self.get_many = backend.get_many
+        self.waiter = backend.waiter
+        self.forget = backend.forget
+        self.save_group = backend.save_group
+        self.restore_group = backend.restore_group
+        self.delete_group = backend.delete_group
+
+
+async def test_join_over_a_reader_that_is_not_a_backend(backend: MemoryBackend) -> None:
+    reader = _ProtocolOnly(backend)
+    assert isinstance(reader, ar.ResultReader)
+    await backend.mark_as_done("p1", 1)
+    await backend.mark_as_failure("p2", KeyError("k"))
+    group = ar.ResultSet([ar.AsyncResult("p1", reader), ar.AsyncResult("p2", reader)])
+    with pytest.raises(KeyError):
+        await group.join(timeout=1)
+    values = await group.join(timeout=1, propagate=False)
+    assert values[0] == 1 and isinstance(values[1], KeyError)
+    assert (await group.results[0].meta()).result == 1
 
 
 async def test_group_tuple_format_and_restore(backend: MemoryBackend) -> None:

@@ -248,12 +248,42 @@ class BaseBackend(Lifecycle, WorkerMixin, ABC):
 
         :raises DecodeError: a stored payload is corrupt (the first one met).
         """
+        ids, raws = await self._read_checked(task_ids)
+        return self._decode_many(ids, raws)
+
+    async def _read_values(
+        self, task_ids: Sequence[str]
+    ) -> tuple[Sequence[Any], list[Any], list[ResultMeta | None]]:
+        """A join's batched read: ``(raws, values, metas)``, in ``task_ids`` order.
+
+        Where ``metas[i]`` is None, the record is a plain SUCCESS that was only
+        parsed: ``values[i]`` is its value and ``raws[i]`` the record as the
+        store gave it, which :meth:`_decode` turns into its meta if anyone asks
+        (a finished set of thousands then keeps no object per member). Every
+        other record is decoded into ``metas[i]``.
+
+        :raises DecodeError: a stored payload is corrupt (the first one met).
+        """
+        ids, raws = await self._read_checked(task_ids)
+        values, metas = self._split_values(ids, raws)
+        return raws, values, metas
+
+    async def _read_checked(self, task_ids: Sequence[str]) -> tuple[list[str], Sequence[Any]]:
         ids = [self._check_id(t) for t in task_ids]
         if not ids:
-            return []
+            return ids, []
         if not self._opened:
             await self._ensure_open()
-        return self._decode_many(ids, await self._read_raw(ids))
+        return ids, await self._read_raw(ids)
+
+    def _split_values(
+        self, task_ids: Sequence[str], raws: Sequence[Any]
+    ) -> tuple[list[Any], list[ResultMeta | None]]:
+        """``(values, metas)`` of raw records, as :meth:`_read_values` returns
+        them. This one decodes every record; a store whose records parse into
+        Celery's dict cheaply leaves the plain SUCCESS ones undecoded."""
+        metas: list[ResultMeta | None] = list(self._decode_many(task_ids, raws))
+        return [None] * len(metas), metas
 
     def _decode_many(self, task_ids: Sequence[str], raws: Sequence[Any]) -> list[ResultMeta]:
         """The metas of raw records read for ``task_ids`` (None: PENDING; an

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 
 from .. import states
 from .._exceptions import AioResultsError, DecodeError
-from .._meta import ResultMeta, success_from_dict
+from .._meta import ResultMeta, plain_success, success_from_dict
 from .._serialization import COMPRESSED_MAGIC
 from .base import BaseBackend
 
@@ -122,6 +122,36 @@ class KeyValueBackend(BaseBackend):
             except Exception as exc:  # a hostile payload must not take the reader down
                 raise DecodeError(f"cannot decode the result of {task_id!r}: {exc}") from exc
         return out
+
+    def _split_values(
+        self, task_ids: Sequence[str], raws: Sequence[Any]
+    ) -> tuple[list[Any], list[ResultMeta | None]]:
+        if type(self)._decode is not KeyValueBackend._decode:
+            return super()._split_values(task_ids, raws)
+        decode, from_dict = self.codec.decode, ResultMeta.from_dict
+        exceptions = self.codec.exception_from_dict
+        values: list[Any] = []
+        metas: list[ResultMeta | None] = []
+        for task_id, raw in zip(task_ids, raws, strict=True):
+            if raw is None:
+                values.append(None)
+                metas.append(ResultMeta.pending(task_id))
+                continue
+            if isinstance(raw, Exception):
+                raise raw
+            try:
+                data = decode(raw)
+                if plain_success(data, task_id):
+                    values.append(data["result"])
+                    metas.append(None)
+                else:
+                    values.append(None)
+                    metas.append(from_dict(data, task_id, exceptions))
+            except AioResultsError:
+                raise
+            except Exception as exc:  # a hostile payload must not take the reader down
+                raise DecodeError(f"cannot decode the result of {task_id!r}: {exc}") from exc
+        return values, metas
 
     async def _write_meta(self, meta: ResultMeta) -> bool:
         return await self._set_guarded(

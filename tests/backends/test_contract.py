@@ -475,6 +475,30 @@ async def test_join_propagates_failure(backend: ar.BaseBackend) -> None:
     assert await ar.ResultSet(results).failed()
 
 
+async def test_joined_members_hold_the_records_they_were_read_with(
+    backend: ar.BaseBackend,
+) -> None:
+    plain, grouped, failed = new_id(), new_id(), new_id()
+    await backend.mark_as_done(plain, {"n": [1, 2]})
+    await backend.store_result(grouped, 2, states.SUCCESS, group_id=new_id(), name="t.add")
+    await backend.mark_as_failure(failed, KeyError("k"))
+    results = [ar.AsyncResult(i, backend) for i in (plain, grouped, failed)]
+    values = await ar.ResultSet(results).join(timeout=5, propagate=False)
+    assert values[:2] == [{"n": [1, 2]}, 2] and isinstance(values[2], KeyError)
+    stored = [await backend.get_meta(r.id) for r in results]
+    for result in results:
+        await backend.forget(result.id)  # what the join read is what they hold
+    for result, meta in zip(results, stored, strict=True):
+        held = await result.meta()
+        assert held == meta and held.date_done == meta.date_done
+        assert held.group_id == meta.group_id and held.name == meta.name
+        assert await result.meta() is held  # decoded once
+        assert await result.state() == meta.status
+    assert await results[0] == {"n": [1, 2]}
+    with pytest.raises(KeyError):
+        await results[2]
+
+
 async def test_group_save_restore_delete(make_backend: MakeBackend) -> None:
     one, two = await make_backend(), await make_backend()
     group_id = new_id()

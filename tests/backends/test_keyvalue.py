@@ -92,13 +92,23 @@ async def test_corrupt_payload_fails_only_its_own_waiter(kv: KeyValueBackend) ->
 
 @pytest.mark.parametrize(
     "payload",
-    [b"\x80\x04\x95", pickle.dumps({"status": "SUCCESS"}), b"[1, 2]", b'{"status": 5}', b"null"],
+    [
+        b"\x80\x04\x95",
+        pickle.dumps({"status": "SUCCESS"}),
+        b"[1, 2]",
+        b'{"status": 5}',
+        b"null",
+        b'{"status": "SUCCESS", "result": 1, "date_done": "yesterday"}',
+        b'{"status": "SUCCESS", "result": 1, "task_id": "another"}',
+    ],
 )
 async def test_hostile_payloads_are_clear_errors(kv: KeyValueBackend, payload: bytes) -> None:
     task_id = new_id()
     await plant(kv, kv.task_key(task_id), payload)
     with pytest.raises((ar.DecodeError, ar.ContentDisallowed)):
         await kv.get_meta(task_id)
+    with pytest.raises((ar.DecodeError, ar.ContentDisallowed)):
+        await ar.ResultSet([ar.AsyncResult(task_id, kv)]).join(timeout=0)
 
 
 async def test_non_exception_failure_payload_is_refused(kv: KeyValueBackend) -> None:

@@ -12,6 +12,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import closing, contextmanager
@@ -25,6 +26,7 @@ import pytest
 import aioresults as ar
 from aioresults import states
 from aioresults.backends.sqlite import SCHEMA_VERSION, SQLiteBackend
+from aioresults.backends.sqlite._schema import OWN_COLUMNS
 from tests.conftest import BackendFactory
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -173,7 +175,9 @@ async def test_file_has_celery_tables_in_celery_format(make: BackendFactory, db_
     with raw(db_path) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
         columns = [row[1] for row in conn.execute("PRAGMA table_info(celery_taskmeta)")]
-        assert columns == CELERY_COLUMNS
+        # Celery's columns, in Celery's order, then aioresults' own (Celery maps
+        # only its own, so it neither reads nor writes them).
+        assert columns == [*CELERY_COLUMNS, *OWN_COLUMNS]
         row = conn.execute(
             "SELECT status, result, date_done, name, args, kwargs, worker, retries, queue, "
             "children FROM celery_taskmeta WHERE task_id = ?",
@@ -300,7 +304,12 @@ async def test_batch_meeting_stored_successes_decides_each_write(
     metas = {m.task_id: m.result for m in await backend.get_many(ids)}
     assert metas == {t: f"v-{t}" for t in ids} | {kept: "kept", celery_new: "new"}
     with raw(db_path) as conn:  # every stored record has its own expiry; the refused ones not
-        own = {r[0] for r in conn.execute("SELECT task_id FROM aioresults_meta")}
+        own = {
+            r[0]
+            for r in conn.execute(
+                "SELECT task_id FROM celery_taskmeta WHERE aioresults_expires_at IS NOT NULL"
+            )
+        }
     assert own >= {*fresh, kept, celery_old} and celery_new not in own
 
 
@@ -881,10 +890,10 @@ async def test_schema_1_file_is_migrated_and_chords_work(
     backend = await make()
     assert (await backend.get_meta(task_id)).result == "kept"
     with raw(db_path) as conn:
-        assert conn.execute("SELECT version FROM aioresults_schema").fetchall() == [(2,)]
+        assert conn.execute("SELECT version FROM aioresults_schema").fetchall() == [(3,)]
         columns = [r[1] for r in conn.execute("PRAGMA table_info(aioresults_chord_part)")]
     assert columns == ["group_id", "field", "payload", "count", "receipt"]
-    assert SCHEMA_VERSION == 2
+    assert SCHEMA_VERSION == 3
     # The chord counted under schema 1 goes on: its counted part stays counted.
     again = await backend.chord_part_return(old_chord, old_part, states.SUCCESS, "a", index=0)
     assert (again.counted, again.complete) == (False, False)
@@ -906,6 +915,65 @@ async def test_schema_1_file_is_migrated_and_chords_work(
     assert outcomes[1].results == outcomes[2].results == [0, 1]
     # A second backend opens the migrated file as it is.
     assert (await (await make()).get_meta(task_id)).result == "kept"
+
+
+#: What aioresults 0.2.0 (schema 2) made: schema 1 with a chord part's count and receipt.
+SCHEMA_2 = (
+    *SCHEMA_1[:-2],
+    "CREATE TABLE aioresults_chord_part (group_id TEXT NOT NULL, field TEXT NOT NULL, "
+    "payload BLOB NOT NULL, count INTEGER, receipt TEXT, PRIMARY KEY (group_id, field))",
+    "INSERT INTO aioresults_schema VALUES (2)",
+)
+
+
+async def test_schema_2_file_moves_its_expiry_rows_into_the_task_rows(
+    make: BackendFactory, db_path: Path
+) -> None:
+    soon, forever, celery_row, grouped = new_id(), new_id(), new_id(), new_id()
+    just_now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+    with raw(db_path) as conn:
+        for statement in SCHEMA_2:
+            conn.execute(statement)
+        for task_id in (soon, forever, celery_row, grouped):
+            conn.execute(
+                "INSERT INTO celery_taskmeta (task_id, status, result, date_done) "
+                "VALUES (?, 'SUCCESS', ?, ?)",
+                (task_id, json.dumps(task_id).encode(), just_now),
+            )
+        conn.executemany(
+            "INSERT INTO aioresults_meta VALUES (?, ?, ?, ?, ?)",
+            [
+                (soon, time.time() + 0.5, None, None, None),
+                (forever, None, None, None, None),  # its writer kept results for ever
+                (grouped, time.time() + 3600, "g-1", "p-1", b'{"custom": 7}'),
+            ],
+        )
+    # A reader that may not alter the file says what to do, and alters nothing.
+    reader = await make(create=False)
+    with pytest.raises(ar.StoreNotFound, match="older layout.*create=True"):
+        await reader.get_meta(soon)
+    with raw(db_path) as conn:
+        assert conn.execute("SELECT version FROM aioresults_schema").fetchall() == [(2,)]
+    backend = await make(expires=1)
+    metas = {m.task_id: m for m in await backend.get_many([soon, forever, celery_row, grouped])}
+    assert all(m.result == task_id for task_id, m in metas.items())
+    held = metas[grouped]
+    assert (held.group_id, held.parent_id, held.extra) == ("g-1", "p-1", {"custom": 7})
+    with raw(db_path) as conn:
+        assert conn.execute("SELECT version FROM aioresults_schema").fetchall() == [(3,)]
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+        deadlines = dict(
+            conn.execute("SELECT task_id, aioresults_expires_at FROM celery_taskmeta").fetchall()
+        )
+    assert "aioresults_meta" not in tables
+    assert deadlines[forever] == float("inf") and deadlines[celery_row] is None
+    await asyncio.sleep(1.2)
+    # Each expires as its writer said: the short one has gone, the one kept for
+    # ever has not; the row Celery wrote expires by date_done + this backend's 1 s.
+    metas = {m.task_id: m for m in await backend.get_many([soon, forever, celery_row, grouped])}
+    assert {t for t, m in metas.items() if m.status == states.SUCCESS} == {forever, grouped}
+    assert await backend.cleanup() == 2
+    assert (await (await make(create=False)).get_meta(forever)).result == forever
 
 
 async def test_table_of_an_older_celery_gets_the_new_columns(
@@ -969,7 +1037,12 @@ async def test_expiry_and_cleanup(make: BackendFactory, db_path: Path) -> None:
     assert await short.cleanup() == 3  # the old Celery row, the group, the chord
     with raw(db_path) as conn:
         left = {r[0] for r in conn.execute("SELECT task_id FROM celery_taskmeta")}
-        own = {r[0] for r in conn.execute("SELECT task_id FROM aioresults_meta")}
+        own = {
+            r[0]
+            for r in conn.execute(
+                "SELECT task_id FROM celery_taskmeta WHERE aioresults_expires_at IS NOT NULL"
+            )
+        }
         groups = conn.execute("SELECT count(*) FROM celery_tasksetmeta").fetchone()
         parts = conn.execute("SELECT count(*) FROM aioresults_chord_part").fetchone()
     assert left == {gone, kept, started}

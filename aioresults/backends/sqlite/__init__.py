@@ -3,10 +3,13 @@
 The file holds Celery's own tables, ``celery_taskmeta`` and ``celery_tasksetmeta``,
 in the format of Celery 5.7's database backend (``db+sqlite:///path.db``), so a
 Celery client reads what aioresults writes and the reverse (with the JSON
-serializer on both sides). What Celery has no column for (expiry, group and
-parent ids, chord counters) lives in tables of its own, ``aioresults_*``,
-which Celery never looks at. ``aioresults_schema`` records the layout's
-version; a file with a newer or foreign layout is refused, never altered.
+serializer on both sides). What Celery has no column for lives in columns and
+tables of aioresults' own, which Celery never looks at: each record's expiry,
+group and parent ids in ``aioresults_*`` columns of its ``celery_taskmeta``
+row (one row per record), groups' expiry and chord counters in
+``aioresults_*`` tables. ``aioresults_schema`` records the layout's version;
+an older layout is brought up to date when the file is opened, and a file with
+a newer or foreign layout is refused, never altered.
 
 Writes go through one writer connection in WAL mode, in a thread of its own
 that callers queue their writes to directly. The thread commits every write
@@ -387,7 +390,6 @@ class SQLiteBackend(BaseBackend):
     async def _forget(self, task_id: str) -> None:
         def forget(conn: sqlite3.Connection) -> None:
             conn.execute("DELETE FROM celery_taskmeta WHERE task_id = ?", (task_id,))
-            conn.execute("DELETE FROM aioresults_meta WHERE task_id = ?", (task_id,))
 
         await self._transaction("forgetting a result", forget)
 

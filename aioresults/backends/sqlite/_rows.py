@@ -1,8 +1,10 @@
 """The SQLite backend's rows: the statements, and records to and from rows.
 
-Writes run in the writer's thread, in a transaction begun with ``BEGIN
-IMMEDIATE`` (the write lock is held from the start, so what a write checks
-stays true until it commits).
+A record is one ``celery_taskmeta`` row: Celery's columns, and aioresults'
+own (:data:`~._schema.OWN_COLUMNS`: the expiry its writer set, and what Celery
+has no column for). Writes run in the writer's thread, as one statement or in
+a transaction begun with ``BEGIN IMMEDIATE`` (the write lock is held from the
+start, so what a write checks stays true until it commits).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from ..._meta import ResultMeta
 from ..._serialization import Codec, exception_to_dict
 from .._chords import PartCount
 from .._sql._rows import TASK_COLUMNS, decode_group, decode_row, parse_date
+from ._schema import OWN_COLUMNS
 
 __all__ = [
     "DATE_FORMAT",
@@ -34,22 +37,25 @@ __all__ = [
     "decode_row",
     "format_date",
     "marks",
+    "most_rows",
     "parse_date",
     "store_each",
     "store_many",
+    "store_one",
 ]
 
-#: SQLite's default limit of bound parameters is 999 on old builds.
+#: Ids per read: SQLite's default limit of bound parameters is 999 on old builds.
 CHUNK = 900
 DATE_FORMAT = "%Y-%m-%d %H:%M:%S.%f"  # SQLAlchemy's DATETIME text on SQLite: naive UTC
+#: ``aioresults_expires_at`` of a record that never expires.
+_NEVER = float("inf")
 
 # ---------------------------------------------------------------- reading
 
 SELECT_TASKS = (
-    f"SELECT {', '.join('t.' + c for c in TASK_COLUMNS)}, "
-    "m.task_id IS NOT NULL, m.expires_at, m.group_id, m.parent_id, m.extra "
-    "FROM celery_taskmeta AS t LEFT JOIN aioresults_meta AS m ON m.task_id = t.task_id "
-    "WHERE t.task_id IN ({})"
+    f"SELECT {', '.join(TASK_COLUMNS)}, aioresults_expires_at IS NOT NULL, "
+    "aioresults_expires_at, aioresults_group_id, aioresults_parent_id, aioresults_extra "
+    "FROM celery_taskmeta WHERE task_id IN ({})"
 )
 SELECT_GROUP = (
     "SELECT s.result, s.date_done, g.group_id IS NOT NULL, g.expires_at "
@@ -60,11 +66,9 @@ SELECT_GROUP = (
 # cleanup(): statements whose deleted rows count, then the bookkeeping ones.
 CLEANUP_COUNTED = (
     # Records written by aioresults expire when their writer said.
-    "DELETE FROM celery_taskmeta WHERE task_id IN "
-    "(SELECT task_id FROM aioresults_meta WHERE expires_at <= :now)",
+    "DELETE FROM celery_taskmeta WHERE aioresults_expires_at <= :now",
     # Celery's records expire as Celery's own cleanup() says: date_done + expires.
-    "DELETE FROM celery_taskmeta WHERE date_done < :cutoff "
-    "AND task_id NOT IN (SELECT task_id FROM aioresults_meta)",
+    "DELETE FROM celery_taskmeta WHERE date_done < :cutoff AND aioresults_expires_at IS NULL",
     "DELETE FROM celery_tasksetmeta WHERE taskset_id IN "
     "(SELECT group_id FROM aioresults_group WHERE expires_at <= :now)",
     "DELETE FROM celery_tasksetmeta WHERE date_done < :cutoff "
@@ -72,8 +76,6 @@ CLEANUP_COUNTED = (
     "DELETE FROM aioresults_chord WHERE expires_at <= :now",
 )
 CLEANUP_BOOKKEEPING = (
-    "DELETE FROM aioresults_meta WHERE expires_at <= :now "
-    "OR task_id NOT IN (SELECT task_id FROM celery_taskmeta)",
     "DELETE FROM aioresults_group WHERE expires_at <= :now "
     "OR group_id NOT IN (SELECT taskset_id FROM celery_tasksetmeta)",
     "DELETE FROM aioresults_chord_part "
@@ -105,44 +107,46 @@ def format_date(value: dt.datetime) -> str:
 
 # ---------------------------------------------------------------- writing
 
+#: The columns of a written row, in the order of :attr:`Write.row`.
+COLUMNS = (*TASK_COLUMNS, *OWN_COLUMNS)
 _UPSERT = (
-    f"INSERT INTO celery_taskmeta ({', '.join(TASK_COLUMNS)}) "
-    f"VALUES ({marks(len(TASK_COLUMNS))}) "
+    f"INSERT INTO celery_taskmeta ({', '.join(COLUMNS)}) "
+    f"VALUES ({marks(len(COLUMNS))}) "
     "ON CONFLICT (task_id) DO UPDATE SET "
-    + ", ".join(f"{c} = excluded.{c}" for c in TASK_COLUMNS[1:-1])
+    + ", ".join(f"{c} = excluded.{c}" for c in COLUMNS[1:] if c != "stamps")
     # Celery keeps stamps it has when a write brings none.
     + ", stamps = coalesce(excluded.stamps, celery_taskmeta.stamps)"
 )
 #: Stores unless a SUCCESS is there; the row count says which happened.
-_UPSERT_GUARDED = _UPSERT + " WHERE celery_taskmeta.status IS NOT 'SUCCESS'"
+UPSERT_GUARDED = _UPSERT + " WHERE celery_taskmeta.status IS NOT 'SUCCESS'"
 #: What decides whether a stored SUCCESS has expired (then it is replaced).
 _SELECT_GUARD = (
-    "SELECT t.date_done, m.task_id IS NOT NULL, m.expires_at "
-    "FROM celery_taskmeta AS t LEFT JOIN aioresults_meta AS m ON m.task_id = t.task_id "
-    "WHERE t.task_id = ?"
+    "SELECT date_done, aioresults_expires_at IS NOT NULL, aioresults_expires_at "
+    "FROM celery_taskmeta WHERE task_id = ?"
 )
-_UPSERT_META = "INSERT OR REPLACE INTO aioresults_meta VALUES (?, ?, ?, ?, ?)"
-#: The most rows in one multi-row statement: 13 parameters each stays under the
-#: 999 of old builds; sizes are powers of two, so few statements are prepared.
-_TASK_ROWS = 64
-_META_ROWS = 128
-_VALUES = f"({marks(len(TASK_COLUMNS))})"
+_VALUES = f"({marks(len(COLUMNS))})"
 _upserts: dict[int, str] = {}
-_metas: dict[int, str] = {}
 
-#: Whether a stored record has expired: (it has an ``aioresults_meta`` row,
-#: that row's deadline, the stored ``date_done``, now).
+#: Whether a stored record has expired: (aioresults wrote it, its deadline,
+#: the stored ``date_done``, now).
 Expired = Callable[[Any, Any, Any, float], bool]
 
 
+def most_rows(conn: sqlite3.Connection) -> int:
+    """The most rows one multi-row upsert may carry on ``conn``: a power of two,
+    within the connection's limit of bound parameters (999 on old builds)."""
+    limit = conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+    return 1 << max(0, min(6, (limit // len(COLUMNS)).bit_length() - 1))
+
+
 class Write:
-    """One record to write, as the rows of both tables, and the future its caller awaits.
+    """One record to write, as its row, and the future its caller awaits.
 
     Encoded here, in the caller's call: an error is the caller's alone, and
     the record is the value as it was when the caller stored it.
     """
 
-    __slots__ = ("future", "meta_row", "row", "status", "task_id")
+    __slots__ = ("future", "row", "status", "task_id")
 
     def __init__(self, meta: ResultMeta, codec: Codec, expires: float | None) -> None:
         encode = codec.encode
@@ -159,7 +163,7 @@ class Write:
                 stamps = encode({"stamped_headers": headers, "stamps": stamped})
         self.task_id = meta.task_id
         self.status = meta.status
-        self.row = (  # in TASK_COLUMNS order
+        self.row = (  # in COLUMNS order
             meta.task_id,
             meta.status,
             encode(result),
@@ -173,10 +177,7 @@ class Write:
             meta.retries,
             meta.queue,
             stamps,
-        )
-        self.meta_row = (
-            meta.task_id,
-            None if expires is None else time.time() + expires,
+            _NEVER if expires is None else time.time() + expires,
             meta.group_id,
             meta.parent_id,
             encode(extra) if extra else None,
@@ -188,18 +189,23 @@ class SuccessFound(Exception):
     """:func:`store_many` met a stored SUCCESS: roll back and use :func:`store_each`."""
 
 
-def store_many(writes: list[Write], conn: sqlite3.Connection) -> list[bool]:
-    """Write a batch of distinct ids with a few multi-row statements (one
-    sqlite3 step each, so the thread lets go of the GIL a few times, not
-    twice per row). Raises :class:`SuccessFound` if a SUCCESS is stored for
-    one of them: nothing is decided for that batch here."""
+def store_one(write: Write, conn: sqlite3.Connection) -> bool:
+    """Write one record with one statement, its own transaction; False if a
+    SUCCESS is there (then nothing was written, and :func:`store_each`, in a
+    transaction, decides whether it expired)."""
+    return conn.execute(UPSERT_GUARDED, write.row).rowcount == 1
+
+
+def store_many(writes: list[Write], most: int, conn: sqlite3.Connection) -> list[bool]:
+    """Write a batch of distinct ids with a few multi-row statements of up to
+    ``most`` rows (one sqlite3 step each, so the thread lets go of the GIL a
+    few times, not once per row). Raises :class:`SuccessFound` if a SUCCESS is
+    stored for one of them: nothing is decided for that batch here."""
     cursor = conn.cursor()
-    for chunk in _sized(writes, _TASK_ROWS):
+    for chunk in _sized(writes, most):
         cursor.execute(_upsert_rows(len(chunk)), [v for w in chunk for v in w.row])
         if cursor.rowcount != len(chunk):
             raise SuccessFound
-    for chunk in _sized(writes, _META_ROWS):
-        cursor.execute(_meta_rows(len(chunk)), [v for w in chunk for v in w.meta_row])
     return [True] * len(writes)
 
 
@@ -212,7 +218,6 @@ def store_each(writes: list[Write], expired: Expired, conn: sqlite3.Connection) 
     cursor = conn.cursor()
     execute = cursor.execute
     written: list[bool] = []
-    meta_rows: list[tuple[Any, ...]] = []
     protected: set[str] = set()
     now = 0.0
     for write in writes:
@@ -220,7 +225,7 @@ def store_each(writes: list[Write], expired: Expired, conn: sqlite3.Connection) 
         if task_id in protected:
             written.append(False)
             continue
-        execute(_UPSERT_GUARDED, write.row)
+        execute(UPSERT_GUARDED, write.row)
         if cursor.rowcount != 1:  # a SUCCESS is there: replaced only if it expired
             if not now:
                 now = time.time()  # after BEGIN IMMEDIATE, which may have waited
@@ -231,13 +236,8 @@ def store_each(writes: list[Write], expired: Expired, conn: sqlite3.Connection) 
                 continue
             execute(_UPSERT, write.row)
         written.append(True)
-        meta_rows.append(write.meta_row)
         if write.status == states.SUCCESS:
             protected.add(task_id)
-    if len(meta_rows) == 1:
-        execute(_UPSERT_META, meta_rows[0])
-    elif meta_rows:
-        cursor.executemany(_UPSERT_META, meta_rows)
     return written
 
 
@@ -253,15 +253,7 @@ def _sized(items: list[Write], most: int) -> Iterator[list[Write]]:
 def _upsert_rows(n: int) -> str:
     sql = _upserts.get(n)
     if sql is None:
-        sql = _upserts[n] = _UPSERT_GUARDED.replace(_VALUES, ", ".join([_VALUES] * n), 1)
-    return sql
-
-
-def _meta_rows(n: int) -> str:
-    sql = _metas.get(n)
-    if sql is None:
-        values = ", ".join(["(?, ?, ?, ?, ?)"] * n)
-        sql = _metas[n] = f"INSERT OR REPLACE INTO aioresults_meta VALUES {values}"
+        sql = _upserts[n] = UPSERT_GUARDED.replace(_VALUES, ", ".join([_VALUES] * n), 1)
     return sql
 
 

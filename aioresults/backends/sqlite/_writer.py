@@ -4,8 +4,8 @@ The connection is made, used and closed only in that thread, which takes its
 work from a queue, in order. A store is put on the queue by its caller itself,
 with no task of the event loop in between; the thread commits every store it
 finds waiting in one ``BEGIN IMMEDIATE`` transaction (group commit: while one
-batch commits, the next one queues up) and answers the whole batch with one
-call into the event loop. So a store costs one hand-off to the thread and one
+batch commits, the next one queues up; a lone store is one statement, its own
+transaction) and answers the whole batch with one call into the event loop. So a store costs one hand-off to the thread and one
 back, as one statement of a plain aiosqlite connection does. Other work
 (opening, forget, groups, chords, cleanup) is one queued call each.
 """
@@ -32,7 +32,7 @@ from ..._exceptions import (
 )
 from .._support import ErrorTable, _copy
 from . import _schema
-from ._rows import Expired, SuccessFound, Write, store_each, store_many
+from ._rows import Expired, SuccessFound, Write, most_rows, store_each, store_many, store_one
 
 __all__ = ["FileSwapped", "Writer", "Writes"]
 
@@ -188,6 +188,7 @@ class Writer:
         #: Used in the writer's thread only.
         self._conn: sqlite3.Connection | None = None
         self._inode: tuple[int, int] | None = None
+        self._most_rows = 1
         #: Whether work is taken (open, and not closing).
         self.accepting = False
 
@@ -218,6 +219,7 @@ class Writer:
             raise
         self._conn = conn
         self._inode = (st.st_dev, st.st_ino)
+        self._most_rows = most_rows(conn)
 
     def _use_wal(self, conn: sqlite3.Connection) -> str:
         deadline = time.monotonic() + self._busy_timeout
@@ -385,8 +387,14 @@ class Writer:
         each alone, so only its caller fails. Returns the outcomes and commits."""
         try:
             try:
-                if len(writes) > 1 and len({w.task_id for w in writes}) == len(writes):
-                    written = self._checked_transaction(partial(store_many, writes))
+                if len(writes) == 1:
+                    # A lone write is one statement, its own transaction.
+                    if not self._checked(partial(store_one, writes[0])):
+                        raise SuccessFound
+                    written = [True]
+                elif len({w.task_id for w in writes}) == len(writes):
+                    most = self._most_rows
+                    written = self._checked_transaction(partial(store_many, writes, most))
                 else:
                     written = self._checked_transaction(partial(store_each, writes, self._expired))
             except SuccessFound:  # rare: decided row by row, in a new transaction
@@ -419,11 +427,16 @@ class Writer:
         return error
 
     def _checked_transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        return self._checked(partial(_schema.run_transaction, work=work))
+
+    def _checked(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """``work(conn)`` (one statement, or a transaction), between two checks
+        that the file at the path is still the connection's."""
         conn = self._conn
         if conn is None:
             raise self._closed()
         self.check_file()
-        result = _schema.run_transaction(conn, work)
+        result = work(conn)
         # Deleted or replaced during the transaction: never acknowledge a commit
         # into a file nobody will open again.
         self.check_file(committed=True)
