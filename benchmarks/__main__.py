@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+from collections.abc import Sequence
 from pathlib import Path
 
 _ORDER = ["redis", "sqlite", "azure"]
@@ -17,11 +18,21 @@ SUITES = sorted(
 )
 
 
-def main() -> None:
+def chosen(argv: Sequence[str] | None = None) -> list[str]:
+    """The suites a command line names, in run order: every suite if none."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    parser.add_argument("suites", nargs="*", choices=SUITES, default=[])
-    args = parser.parse_args()
-    for suite in args.suites or SUITES:
+    # No `choices=`: argparse checks an empty `nargs="*"` list against them and
+    # refuses it, so a run with no suite named (every suite) would fail.
+    parser.add_argument("suites", nargs="*", metavar="suite", help=", ".join(SUITES))
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.suites) - set(SUITES))
+    if unknown:
+        parser.error(f"unknown suite {', '.join(unknown)} (choose from {', '.join(SUITES)})")
+    return [s for s in SUITES if s in args.suites] or list(SUITES)
+
+
+def main() -> None:
+    for suite in chosen():
         module = importlib.import_module(f"benchmarks.{suite}_bench")
         module.main()
 
