@@ -5,9 +5,10 @@ work from a queue, in order. A store is put on the queue by its caller itself,
 with no task of the event loop in between; the thread commits every store it
 finds waiting in one ``BEGIN IMMEDIATE`` transaction (group commit: while one
 batch commits, the next one queues up; a lone store is one statement, its own
-transaction) and answers the whole batch with one call into the event loop. So a store costs one hand-off to the thread and one
-back, as one statement of a plain aiosqlite connection does. Other work
-(opening, forget, groups, chords, cleanup) is one queued call each.
+transaction) and answers the whole batch with one call into the event loop.
+So a store costs one hand-off to the thread and one back, as one statement of
+a plain aiosqlite connection does. Other work (opening, forget, groups, chords,
+cleanup) is one queued call each.
 """
 
 from __future__ import annotations
