@@ -13,6 +13,7 @@ from ._exceptions import DecodeError, ResultTimeout
 from ._meta import ResultMeta
 from ._protocols import ResultReader
 from ._result import AsyncResult, iter_updates, value_of
+from .backends.base import BaseBackend
 
 __all__ = ["GroupResult", "ResultSet", "result_from_tuple"]
 
@@ -157,11 +158,19 @@ class ResultSet(Generic[T]):
 
     # ------------------------------------------------------------ waiting
 
-    async def _ready_metas(self, timeout: float | None) -> AsyncGenerator[ResultMeta, None]:
-        """Yield each member's ready record once, in completion order."""
-        cached = {r.id: r._meta for r in self.results if r._meta is not None}
-        for meta in cached.values():
-            yield meta
+    async def _ready_metas(
+        self, timeout: float | None, held: bool = True
+    ) -> AsyncGenerator[ResultMeta, None]:
+        """Yield each member's ready record once, in completion order.
+
+        :param held: also yield the records members hold already (first); with
+            False, only the others are waited for and yielded.
+        """
+        cached = {r.id for r in self.results if r._record is not None}
+        if held:
+            for meta in {r.id: r._meta for r in self.results if r.id in cached}.values():
+                if meta is not None:
+                    yield meta
         wanted = list(dict.fromkeys(r.id for r in self.results if r.id not in cached))
         if not wanted:
             return
@@ -201,8 +210,12 @@ class ResultSet(Generic[T]):
         if unread:
             # One batched read first: a finished set needs nothing more.
             ids = [r.id for r in unread]
-            read_values = getattr(self.backend, "_read_values", None)  # a BaseBackend's
-            read = read_values(ids) if read_values is not None else _read_metas(self.backend, ids)
+            backend = self.backend
+            read = (
+                backend._read_values(ids)
+                if isinstance(backend, BaseBackend)
+                else _read_metas(backend, ids)
+            )
             try:
                 raws, values, metas = (
                     await _runtime.within(read, deadline) if timeout else await read
@@ -232,7 +245,7 @@ class ResultSet(Generic[T]):
             try:
                 if remaining is not None and remaining <= 0:
                     raise ResultTimeout([r.id for r in self.results if r._record is None], 0)
-                async with aclosing(self._ready_metas(remaining)) as ready:
+                async with aclosing(self._ready_metas(remaining, held=False)) as ready:
                     async for meta in ready:
                         by_id[meta.task_id]._remember(meta)
                         if propagate and meta.status in states.PROPAGATE_STATES:

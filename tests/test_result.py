@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+from collections.abc import Sequence
 from typing import Any
 
 import anyio
@@ -154,6 +155,48 @@ async def test_a_finished_join_keeps_no_object_per_member(backend: MemoryBackend
     meta = await member.meta()
     assert meta == await backend.get_meta("j5") and meta.result == 5
     assert await member.meta() is meta
+
+
+async def test_a_join_that_waits_decodes_only_what_it_waits_for(
+    backend: MemoryBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ids = [f"w{n}" for n in range(50)]
+    for n, task_id in enumerate(ids[:-1]):
+        await backend.mark_as_done(task_id, n)
+    decoded: list[str] = []
+    decode = backend._decode
+
+    def counting(task_id: str, raw: Any) -> ar.ResultMeta:
+        decoded.append(task_id)
+        return decode(task_id, raw)
+
+    monkeypatch.setattr(backend, "_decode", counting)
+    group = ar.ResultSet([ar.AsyncResult(i, backend) for i in ids])
+    joining = asyncio.create_task(group.join(timeout=5))
+    await asyncio.sleep(0.05)
+    assert not joining.done()
+    await backend.mark_as_done(ids[-1], 49)
+    assert await joining == list(range(50))
+    # The 49 records read first stay as read; the late one is decoded as it arrives.
+    assert set(decoded) <= {ids[-1]}
+    # Asked for, a held record is decoded once; a second join reads nothing again.
+    assert (await group.results[3].meta()).result == 3
+    assert await group.join(timeout=0) == list(range(50))
+    assert decoded.count(ids[3]) == 1
+
+
+async def test_join_reads_through_a_subclass_own_get_many() -> None:
+    class Counted(MemoryBackend):
+        reads = 0
+
+        async def get_many(self, task_ids: Sequence[str]) -> list[ar.ResultMeta]:
+            self.reads += 1
+            return await super().get_many(task_ids)
+
+    async with Counted() as counted:
+        await counted.mark_as_done("c1", 1)
+        assert await ar.ResultSet([ar.AsyncResult("c1", counted)]).join(timeout=1) == [1]
+        assert counted.reads == 1
 
 
 class _ProtocolOnly:

@@ -881,18 +881,25 @@ async def test_schema_1_file_is_migrated_and_chords_work(
             "VALUES (?, 'SUCCESS', '\"kept\"', '2030-01-02 03:04:05.000006')",
             (task_id,),
         )
+        # Written by a backend that keeps results for ever, as a group member.
+        conn.execute("INSERT INTO aioresults_meta VALUES (?, NULL, 'g-1', NULL, NULL)", (task_id,))
         conn.execute("INSERT INTO aioresults_chord VALUES (?, 2, 1, NULL)", (old_chord,))
         part = {"task_id": old_part, "index": 0, "state": "SUCCESS", "result": "a", "seq": 1}
         conn.execute(
             "INSERT INTO aioresults_chord_part VALUES (?, ?, ?)",
             (old_chord, f"{old_part}:0", json.dumps(part).encode()),
         )
-    backend = await make()
-    assert (await backend.get_meta(task_id)).result == "kept"
+    backend = await make(expires=1)
+    kept = await backend.get_meta(task_id)
+    assert (kept.result, kept.group_id) == ("kept", "g-1")
     with raw(db_path) as conn:
         assert conn.execute("SELECT version FROM aioresults_schema").fetchall() == [(3,)]
         columns = [r[1] for r in conn.execute("PRAGMA table_info(aioresults_chord_part)")]
+        (deadline,) = conn.execute(
+            "SELECT aioresults_expires_at FROM celery_taskmeta WHERE task_id = ?", (task_id,)
+        ).fetchone()
     assert columns == ["group_id", "field", "payload", "count", "receipt"]
+    assert deadline == float("inf")  # its writer's "for ever", not this backend's 1 s
     assert SCHEMA_VERSION == 3
     # The chord counted under schema 1 goes on: its counted part stays counted.
     again = await backend.chord_part_return(old_chord, old_part, states.SUCCESS, "a", index=0)
@@ -974,6 +981,29 @@ async def test_schema_2_file_moves_its_expiry_rows_into_the_task_rows(
     assert {t for t, m in metas.items() if m.status == states.SUCCESS} == {forever, grouped}
     assert await backend.cleanup() == 2
     assert (await (await make(create=False)).get_meta(forever)).result == forever
+
+
+async def test_a_schema_table_left_empty_is_migrated_by_what_the_file_holds(
+    make: BackendFactory, db_path: Path
+) -> None:
+    task_id = new_id()
+    with raw(db_path) as conn:  # schema 2's tables, its version row missing
+        for statement in SCHEMA_2[:-1]:
+            conn.execute(statement)
+        conn.execute(
+            "INSERT INTO celery_taskmeta (task_id, status, result) VALUES (?, 'STARTED', 'null')",
+            (task_id,),
+        )
+        conn.execute("INSERT INTO aioresults_meta VALUES (?, NULL, NULL, 'p-1', NULL)", (task_id,))
+    backend = await make(expires=1)
+    assert (await backend.get_meta(task_id)).parent_id == "p-1"
+    with raw(db_path) as conn:
+        assert conn.execute("SELECT version FROM aioresults_schema").fetchall() == [(3,)]
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+        (deadline,) = conn.execute(
+            "SELECT aioresults_expires_at FROM celery_taskmeta WHERE task_id = ?", (task_id,)
+        ).fetchone()
+    assert "aioresults_meta" not in tables and deadline == float("inf")
 
 
 async def test_table_of_an_older_celery_gets_the_new_columns(

@@ -68,11 +68,8 @@ OWN_DDL = (
     "field TEXT NOT NULL, payload BLOB NOT NULL, count INTEGER, receipt TEXT, "
     "PRIMARY KEY (group_id, field))",
 )
-# Schema 1 -> 2.
-_MIGRATE_1 = (
-    "ALTER TABLE aioresults_chord_part ADD COLUMN count INTEGER",
-    "ALTER TABLE aioresults_chord_part ADD COLUMN receipt TEXT",
-)
+# Schema 1 -> 2: a chord part's count and receipt.
+_PART_COLUMNS = {"count": "INTEGER", "receipt": "TEXT"}
 # Schema 2 -> 3 (after OWN_COLUMNS are added): aioresults_meta's rows into them.
 _MIGRATE_2 = (
     "UPDATE celery_taskmeta SET (aioresults_expires_at, aioresults_group_id, "
@@ -141,10 +138,12 @@ def _changes(conn: sqlite3.Connection, path: str) -> list[str]:
                 f"{path} was written by a newer aioresults (schema {version}; this "
                 f"version knows up to {SCHEMA_VERSION}); upgrade aioresults to use it"
             )
-    migrating = version in (1, 2) and "aioresults_meta" in tables
+    # Schema 1 or 2, also when its version row is missing (an empty table).
+    migrating = version in (None, 1, 2) and "aioresults_meta" in tables
     required = {**_REQUIRED, **({"aioresults_meta": _OLD_META} if migrating else {})}
     changes: list[str] = []
     task_columns: set[str] = set()
+    part_columns: set[str] = set(_PART_COLUMNS)
     for table, (needed, unique) in required.items():
         if table not in tables:
             continue
@@ -157,6 +156,8 @@ def _changes(conn: sqlite3.Connection, path: str) -> list[str]:
                 f"{path} has a table {table} that neither Celery nor aioresults "
                 f"made (it lacks {', '.join(sorted(missing))}); refusing to use it"
             )
+        if table == "aioresults_chord_part":
+            part_columns = columns
         if table == "celery_taskmeta":
             task_columns = columns
             changes += [
@@ -172,8 +173,11 @@ def _changes(conn: sqlite3.Connection, path: str) -> list[str]:
         for name, kind in OWN_COLUMNS.items()
         if name not in task_columns
     ]
-    if version == 1:
-        changes += _MIGRATE_1
+    changes += [
+        f"ALTER TABLE aioresults_chord_part ADD COLUMN {name} {kind}"
+        for name, kind in _PART_COLUMNS.items()
+        if name not in part_columns
+    ]
     if migrating:
         changes += _MIGRATE_2
     if version is None:  # no table (created above), or an empty one
