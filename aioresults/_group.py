@@ -166,9 +166,11 @@ class ResultSet(Generic[T]):
         :param held: also yield the records members hold already (first); with
             False, only the others are waited for and yielded.
         """
-        cached = {r.id for r in self.results if r._record is not None}
+        holders = {r.id: r for r in self.results if r._record is not None}
+        cached = set(holders)
         if held:
-            for meta in {r.id: r._meta for r in self.results if r.id in cached}.values():
+            for holder in holders.values():
+                meta = holder._meta
                 if meta is not None:
                     yield meta
         wanted = list(dict.fromkeys(r.id for r in self.results if r.id not in cached))
