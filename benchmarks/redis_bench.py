@@ -112,10 +112,11 @@ class Rows:
         self.before = before
         self.rows: dict[str, tuple[str, str | None]] = {}
 
-    def add(self, name: str, subject: str, old: bool = False) -> None:
+    def add(self, name: str, subject: str, old: bool = False, code: str | None = None) -> None:
+        """A row; ``old`` runs the code of :data:`BEFORE`, ``code`` that of another tree."""
         if old and self.before is None:
             return
-        self.rows[name] = (subject, self.before if old else None)
+        self.rows[name] = (subject, self.before if old else code)
 
     def spec(self, name: str, **spec: Any) -> dict[str, Any]:
         subject, before = self.rows[name]
@@ -327,7 +328,7 @@ async def join(url: str, writer: WriterClient, before: str | None) -> dict[str, 
         earlier = await asyncio.to_thread(before_code, BEFORE_JOIN)
         if earlier is not None:
             name = f"aioresults before lazy decoding ({BEFORE_JOIN}) `ResultSet.join()`"
-            rows.rows[name] = ("aioresults", earlier)
+            rows.add(name, "aioresults", code=earlier)
         figures: dict[str, list[dict[str, Any]]] = {name: [] for name in rows.rows}
         for order in rotations(list(rows.rows), JOIN_ROUNDS):
             for name in order:

@@ -222,6 +222,13 @@ def ratios(rates: dict[str, list[float]], top: str, bottom: str) -> list[float]:
     return [a / b for a, b in zip(rates[top], rates[bottom], strict=True) if b]
 
 
+def to_best(rates: dict[str, list[float]]) -> list[float]:
+    """aioresults over the best plain aiosqlite of each round (the floor or the
+    limit, whichever was faster): the ratio the goals are judged by."""
+    best = [max(f, b) for f, b in zip(rates["floor"], rates["limit"], strict=True)]
+    return [a / b for a, b in zip(rates["now"], best, strict=True) if b]
+
+
 def rounds_in_turn(names: Sequence[str], rounds: int) -> Iterator[tuple[int, str]]:
     """``(round, name)`` for every round, the order reversed every other round."""
     for number in range(rounds):
@@ -583,13 +590,14 @@ def report(
     ]
     goal_rows = []
     for writers, r in rates.items():
-        now_floor = ratios(r, "now", "floor")
+        now_best = to_best(r)
         goal_rows.append(
             [
                 writers,
-                spread(now_floor),
+                spread(now_best),
                 f"≥ {GOALS[writers]:.1f}×",
-                verdict(now_floor, GOALS[writers]),
+                verdict(now_best, GOALS[writers]),
+                spread(ratios(r, "now", "floor")),
                 spread(ratios(r, "now", "limit")),
                 spread(ratios(r, "now", "same-row")),
                 *[spread(ratios(r, c, "floor")) for c in before],
@@ -598,9 +606,10 @@ def report(
         )
     goal_header = [
         "writers",
-        "now / floor",
+        "now / the faster of floor and limit",
         "goal",
         "",
+        "now / floor",
         "now / limit",
         "now / aioresults' row",
         *[f"{c} / floor" for c in before],
@@ -621,7 +630,9 @@ def report(
         "",
         table(header, rows),
         "",
-        "Ratios, as the median of the per-round ratios (lowest–highest round):",
+        "Ratios, as the median of the per-round ratios (lowest–highest round). The "
+        "goals are judged against the best plain aiosqlite of each round: the floor "
+        "or the limit, whichever was faster.",
         "",
         table(goal_header, goal_rows),
         "",
@@ -707,15 +718,19 @@ def limits(
         "less would mean leaving out what a store means (the guard, the expiry, the "
         "swap check) or writing from the event loop's thread, which would block it "
         "for a checkpoint's fsync or another process's write lock"
+        + (": the goal is missed." if statistics.median(to_best(rates[1])) < GOALS[1] else ".")
+        + f" With 100 writers ({ratio(100, 'floor')} plain aiosqlite with each writer "
+        "awaiting its own statement) the group commit does what the limit does by "
+        "hand, so the limit is where aioresults can get to, not past: "
+        f"{ratio(100, 'limit')} the limit, {ratio(100, 'same-row')} the limit writing "
+        "aioresults' own row"
         + (
-            ": the goal is missed."
-            if statistics.median(ratios(rates[1], "now", "floor")) < GOALS[1]
+            f"; {GOALS[100]:.1f}× of the limit would need less work per store than a "
+            "plain multi-row upsert: the goal is missed."
+            if statistics.median(to_best(rates[100])) < GOALS[100]
             else "."
         )
-        + f" With 100 writers ({ratio(100, 'floor')} the floor) the group "
-        "commit does what the limit does by hand, so the limit is where aioresults "
-        f"can get to, not past: {ratio(100, 'limit')} the limit, "
-        f"{ratio(100, 'same-row')} the limit writing aioresults' own row. The process "
+        + " The process "
         "then uses about one core (the GIL lets one thread run Python at a time): the "
         "event loop's share per store (the record built and encoded, the caller's "
         "turn) and the writer thread's add up.",

@@ -103,31 +103,22 @@ class KeyValueBackend(BaseBackend):
     def _decode_many(self, task_ids: Sequence[str], raws: Sequence[Any]) -> list[ResultMeta]:
         if type(self)._decode is not KeyValueBackend._decode:
             return super()._decode_many(task_ids, raws)
-        # _decode_payload, inlined: a join of thousands decodes every one of them.
-        decode, from_dict = self.codec.decode, ResultMeta.from_dict
-        exceptions = self.codec.exception_from_dict
-        out: list[ResultMeta] = []
-        append = out.append
-        for task_id, raw in zip(task_ids, raws, strict=True):
-            if raw is None:
-                append(ResultMeta.pending(task_id))
-                continue
-            if isinstance(raw, Exception):
-                raise raw
-            try:
-                data = decode(raw)
-                append(success_from_dict(data, task_id) or from_dict(data, task_id, exceptions))
-            except AioResultsError:
-                raise
-            except Exception as exc:  # a hostile payload must not take the reader down
-                raise DecodeError(f"cannot decode the result of {task_id!r}: {exc}") from exc
-        return out
+        metas: list[Any] = self._parse_many(task_ids, raws, lazy=False)[1]
+        return metas  # lazy=False: every record decoded
 
     def _split_values(
         self, task_ids: Sequence[str], raws: Sequence[Any]
     ) -> tuple[list[Any], list[ResultMeta | None]]:
         if type(self)._decode is not KeyValueBackend._decode:
             return super()._split_values(task_ids, raws)
+        return self._parse_many(task_ids, raws, lazy=True)
+
+    def _parse_many(
+        self, task_ids: Sequence[str], raws: Sequence[Any], lazy: bool
+    ) -> tuple[list[Any], list[ResultMeta | None]]:
+        """``_decode_payload`` of each record, inlined (reads and joins of
+        thousands take this loop); with ``lazy``, a plain SUCCESS record is only
+        parsed, as :meth:`_split_values` returns it."""
         decode, from_dict = self.codec.decode, ResultMeta.from_dict
         exceptions = self.codec.exception_from_dict
         values: list[Any] = []
@@ -141,12 +132,13 @@ class KeyValueBackend(BaseBackend):
                 raise raw
             try:
                 data = decode(raw)
-                if plain_success(data, task_id):
+                if lazy and plain_success(data, task_id):
                     values.append(data["result"])
                     metas.append(None)
                 else:
                     values.append(None)
-                    metas.append(from_dict(data, task_id, exceptions))
+                    plain = None if lazy else success_from_dict(data, task_id)
+                    metas.append(plain or from_dict(data, task_id, exceptions))
             except AioResultsError:
                 raise
             except Exception as exc:  # a hostile payload must not take the reader down
