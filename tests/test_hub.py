@@ -491,3 +491,45 @@ async def test_closing_fails_every_waiter_and_refuses_new_ones(store: FakeStore)
     with pytest.raises(BackendClosed):
         async with hub.waiter(["t"]):
             pass
+
+
+class SiblingHub:
+    """What the sibling registry calls on a hub."""
+
+    def __init__(self, *watching: str) -> None:
+        self.watched = dict.fromkeys(watching)
+        self.refreshed: list[list[str]] = []
+        self.delivered: list[tuple[str, bytes]] = []
+
+    def refresh_soon(self, task_ids: list[str]) -> None:
+        self.refreshed.append(task_ids)
+
+    def deliver(self, task_id: str, raw: bytes) -> None:
+        self.delivered.append((task_id, raw))
+
+
+def test_siblings_are_woken_and_leave_when_closed_or_dropped() -> None:
+    import gc
+
+    from aioresults.backends import _feeds
+
+    key = object()
+    first, second, other = SiblingHub("a"), SiblingHub(), SiblingHub("a")
+    _feeds.join_siblings(key, first)  # type: ignore[arg-type]
+    _feeds.join_siblings(key, second)  # type: ignore[arg-type]
+    _feeds.join_siblings("another store", other)  # type: ignore[arg-type]
+    _feeds.wake_siblings(key, ["a", "b"])
+    assert first.refreshed == [["a"]] and second.refreshed == [] and other.refreshed == []
+    _feeds.wake_siblings(key, ["a"], [b"raw"])
+    assert first.delivered == second.delivered == [("a", b"raw")]
+    _feeds.leave_siblings(key, first)  # type: ignore[arg-type]
+    _feeds.leave_siblings(key, first)  # type: ignore[arg-type]  # again: nothing
+    _feeds.wake_siblings(key, ["a"], [b"late"])
+    assert first.delivered == [("a", b"raw")]
+    assert key in _feeds._siblings
+    del second  # dropped unclosed: its entry goes with it
+    gc.collect()
+    assert key not in _feeds._siblings
+    _feeds.wake_siblings(key, ["a"])  # a store without hubs: nothing to do
+    _feeds.leave_siblings("another store", other)  # type: ignore[arg-type]
+    assert "another store" not in _feeds._siblings

@@ -282,18 +282,33 @@ async def wait_registration(hub: WaiterHub, timeout: float) -> bool:
 
 # ---------------------------------------------------------------- siblings
 
-_siblings: dict[object, weakref.WeakSet[WaiterHub]] = {}
+#: The hubs on each store, by id (weakly: a backend dropped unclosed leaves).
+#: Plain dicts of references: every write of a local-wake store walks them,
+#: and a WeakSet's iteration costs more than the rest of the walk.
+_siblings: dict[object, dict[int, weakref.ref[WaiterHub]]] = {}
 
 
 def join_siblings(key: object, hub: WaiterHub) -> None:
     """Register ``hub`` as one of the hubs on the store named by ``key``."""
-    _siblings.setdefault(key, weakref.WeakSet()).add(hub)
+    hubs = _siblings.setdefault(key, {})
+    number = id(hub)
+
+    def gone(ref: weakref.ref[WaiterHub]) -> None:
+        now = _siblings.get(key)
+        if now is not None and now.get(number) is ref:
+            del now[number]
+            if not now:
+                del _siblings[key]
+
+    hubs[number] = weakref.ref(hub, gone)
 
 
 def leave_siblings(key: object, hub: WaiterHub) -> None:
     hubs = _siblings.get(key)
     if hubs is not None:
-        hubs.discard(hub)
+        ref = hubs.get(id(hub))
+        if ref is not None and ref() is hub:
+            del hubs[id(hub)]
         if not hubs:
             del _siblings[key]
 
@@ -301,11 +316,19 @@ def leave_siblings(key: object, hub: WaiterHub) -> None:
 def wake_siblings(key: object, task_ids: Sequence[str], raws: Sequence[Any] | None = None) -> None:
     """After a write to the store named by ``key``, wake the waiters of every hub
     on it in this process: with the written records (``raws``), or by a re-read."""
-    for hub in list(_siblings.get(key, ())):
+    hubs = _siblings.get(key)
+    if not hubs:
+        return
+    for ref in list(hubs.values()):
+        hub = ref()
+        if hub is None:
+            continue
         if raws is not None:
             for task_id, raw in zip(task_ids, raws, strict=True):
                 hub.deliver(task_id, raw)
         else:
-            wanted = [t for t in task_ids if t in hub.watched]
-            if wanted:
-                hub.refresh_soon(wanted)
+            watched = hub.watched
+            if watched:
+                wanted = [t for t in task_ids if t in watched]
+                if wanted:
+                    hub.refresh_soon(wanted)

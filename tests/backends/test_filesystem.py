@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -304,12 +305,13 @@ async def test_a_cancelled_store_waits_for_its_file_operation(
     make_file_backend: BackendFactory,
 ) -> None:
     """A store cancelled while its write runs in a worker thread (here: waiting
-    for the directory's lock, held as another writer would) returns only once
-    the write is done: no file operation outlives the call that asked for it."""
+    for the directory's lock, held as another writer would: a write over a
+    stored record takes it) returns only once the write is done: no file
+    operation outlives the call that asked for it."""
     import fcntl
 
     backend = await make(make_file_backend)
-    await backend.mark_as_done("warm", 1)
+    await backend.mark_as_started("t")
     lock = os.open(os.path.join(backend.path, ".aioresults.lock"), os.O_RDONLY)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -925,6 +927,108 @@ async def test_first_success_wins_across_instances(make_file_backend: BackendFac
         assert len(winners) == 1
         meta = await instances[0].get_meta(task_id)
         assert meta.status == states.SUCCESS and meta.result == winners[0]
+
+
+async def test_first_success_wins_on_a_new_result(make_file_backend: BackendFactory) -> None:
+    """Writers of a result that has no file yet race through the lock-free
+    create and the locked check at once: one SUCCESS wins, and a late STARTED
+    never replaces it."""
+    instances = [await make(make_file_backend) for _ in range(3)]
+    for _ in range(8):
+        task_id = new_id()
+        writes = [instances[i % 3].mark_as_done(task_id, i) for i in range(30)]
+        writes += [instances[i % 3].mark_as_started(task_id) for i in range(30)]
+        stored = await asyncio.gather(*writes)
+        winners = [i for i, ok in enumerate(stored[:30]) if ok]
+        assert len(winners) == 1
+        meta = await instances[1].get_meta(task_id)
+        assert meta.status == states.SUCCESS and meta.result == winners[0]
+    assert [n for n in files(instances[0].path) if n.endswith(".tmp")] == []
+
+
+@contextlib.contextmanager
+def holding_the_lock(directory: str) -> Any:
+    """Hold the directory's lock as another writer would."""
+    import fcntl
+
+    lock = os.open(os.path.join(directory, ".aioresults.lock"), os.O_RDONLY | os.O_CREAT)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(lock)
+
+
+async def test_a_new_result_is_created_without_the_lock(
+    make_file_backend: BackendFactory,
+) -> None:
+    """The lock is taken only where a file is already there: a first write goes
+    by while another writer holds it; a rewrite and a delete wait for it."""
+    backend = await make(make_file_backend)
+    await backend.mark_as_started("old")
+    await backend.mark_as_started("gone")
+    with holding_the_lock(backend.path):
+        assert await asyncio.wait_for(backend.mark_as_done("new", 1), 10)
+        rewrite = asyncio.create_task(backend.mark_as_done("old", 2))
+        forget = asyncio.create_task(backend.forget("gone"))
+        await asyncio.sleep(0.2)
+        assert not rewrite.done() and not forget.done()
+        assert (await backend.get_meta("gone")).status == states.STARTED
+    assert await asyncio.wait_for(rewrite, 10)
+    await asyncio.wait_for(forget, 10)
+    assert (await backend.get_meta("new")).result == 1
+    assert (await backend.get_meta("old")).result == 2
+    assert (await backend.get_meta("gone")).status == states.PENDING
+
+
+async def test_a_file_gone_while_the_lock_was_awaited_is_created(
+    make_file_backend: BackendFactory,
+) -> None:
+    """A write that found a file, and found it gone once it held the lock,
+    creates it as a first write does (and still never over a SUCCESS)."""
+    backend = await make(make_file_backend)
+    await backend.mark_as_started("t")
+    with holding_the_lock(backend.path):
+        store = asyncio.create_task(backend.mark_as_done("t", "mine"))
+        await asyncio.sleep(0.2)
+        assert not store.done()
+        os.unlink(os.path.join(backend.path, backend.task_key("t")))
+    assert await asyncio.wait_for(store, 10)
+    assert (await backend.get_meta("t")).result == "mine"
+    assert not await backend.mark_as_done("t", "later")
+    assert (await backend.get_meta("t")).result == "mine"
+
+
+async def test_without_renameat2_every_write_takes_the_lock(
+    make_file_backend: BackendFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file system (or kernel, or sandbox) that refuses RENAME_NOREPLACE turns
+    the lock-free create off for the directory; writes stay guarded by the lock."""
+    import ctypes
+    import errno
+
+    from aioresults.backends.filesystem import _files
+
+    calls = []
+
+    def refused(*args: Any) -> int:
+        calls.append(args)
+        ctypes.set_errno(errno.EINVAL)
+        return -1
+
+    monkeypatch.setattr(_files, "_renameat2", refused)
+    backend = await make(make_file_backend)
+    assert backend._dir.noreplace
+    assert await backend.mark_as_done("first", 1)
+    assert len(calls) == 1 and not backend._dir.noreplace
+    with holding_the_lock(backend.path):
+        store = asyncio.create_task(backend.mark_as_done("second", 2))
+        await asyncio.sleep(0.2)
+        assert not store.done()
+    assert await asyncio.wait_for(store, 10)
+    assert not await backend.mark_as_started("first")
+    assert len(calls) == 1
+    assert [(await backend.get_meta(t)).result for t in ("first", "second")] == [1, 2]
 
 
 async def test_create_false_never_makes_the_directory(tmp_path: Path) -> None:

@@ -9,7 +9,10 @@ Unlike Celery, every write is atomic: the payload goes to a hidden temporary
 file in the same directory, is flushed to disk and then renamed over the
 result, so no reader ever sees an empty or half-written record. Checks that
 must not race with another process (never overwrite SUCCESS, count a chord
-part once) run under an exclusive ``flock`` on ``<dir>/.aioresults.lock``.
+part once) run under an exclusive ``flock`` on ``<dir>/.aioresults.lock``;
+on Linux a result that has no file yet needs no check, and is renamed into
+place with ``renameat2(RENAME_NOREPLACE)``, which creates it only where it is
+still missing, without the lock.
 Chord bookkeeping lives next to the group: ``celery-taskset-meta-<id>.s``
 (size), ``.n`` (counter) and the hidden directory ``.celery-taskset-meta-<id>.p``
 (one file per counted part, holding its count and receipt).
@@ -197,10 +200,18 @@ class FilesystemBackend(KeyValueBackend):
 
     async def _run(self, func: Callable[..., T], *args: Any) -> T:
         """Run blocking file work in a thread; translate OS errors."""
-        with self._errors.translating(func.__name__.replace("_", " ").strip()):
+        # ErrorTable.translating() inlined: this is every store's and read's path.
+        try:
             if on_asyncio():
                 return await self._workers.run(func, *args)
             return await anyio.to_thread.run_sync(func, *args)
+        except self._errors.catches as exc:
+            error = None
+            if not isinstance(exc, AioResultsError):
+                error = self._errors.translate(exc, func.__name__.replace("_", " ").strip())
+            if error is None:
+                raise
+            raise error from exc
 
     async def _write(self, func: Callable[..., T], *args: Any) -> T:
         """Like :meth:`_run`, creating the directory again if it was removed."""

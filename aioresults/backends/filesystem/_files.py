@@ -3,13 +3,19 @@
 Every write goes to a hidden temporary file that is flushed to disk and
 renamed over its target, so no reader ever sees half a record. Checks that
 must not race with another process run under an exclusive ``flock`` on
-``<dir>/.aioresults.lock``. Expiry deadlines live in an extended attribute
-where the file system has them.
+``<dir>/.aioresults.lock``, with one exception: a guarded write of a result
+that has no file yet (the common case) is renamed into place with Linux's
+``renameat2(RENAME_NOREPLACE)``, which creates the file only where there is
+none, atomically, so it needs no lock. A write that finds a file there takes
+the lock and checks it, and so does every delete, so a file a locked writer
+has checked cannot go and come back before that writer is done. Expiry
+deadlines live in an extended attribute where the file system has them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import hashlib
 import os
@@ -36,6 +42,15 @@ _STALE_TEMP = 3600.0
 _XATTR = "user.aioresults.expires"
 _NO_XATTRS = frozenset((errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM))
 _LENGTH = struct.Struct(">I")
+#: What :meth:`ResultDirectory.read` gives as the mtime of a file that is not there.
+MISSING = float("-inf")
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+#: renameat2() errors that mean "not here" (the kernel, the C library, the file
+#: system or a sandbox): such a directory takes the lock for every write.
+_NO_NOREPLACE = frozenset(
+    (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM)
+)
 
 if sys.platform != "win32":
     import fcntl
@@ -45,6 +60,28 @@ else:  # pragma: no cover - the backend refuses to open there
 
 class TooLarge(Exception):
     """A file is larger than the caller wants to read here (see :meth:`ResultDirectory.read`)."""
+
+
+def _load_renameat2() -> Any:
+    """libc's ``renameat2``, or None (not Linux, or a C library without it)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = (
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_uint,
+    )
+    function.restype = ctypes.c_int
+    return function
+
+
+_renameat2 = _load_renameat2()
 
 
 def _unlink_quietly(path: str) -> None:
@@ -61,6 +98,8 @@ class ResultDirectory:
         self._limit = max_value_size
         self._is_success = is_success
         self.xattrs = hasattr(os, "setxattr")
+        #: Whether guarded writes of new results may skip the lock (see the module).
+        self.noreplace = _renameat2 is not None
 
     # ------------------------------------------------------------ basics
 
@@ -154,17 +193,42 @@ class ResultDirectory:
         """Rename ``temp`` over ``key`` (the caller removes ``temp`` if this fails)."""
         os.replace(temp, self.file(key))
 
+    def create(self, temp: str, key: str) -> bool | None:
+        """Rename ``temp`` to ``key`` only if ``key`` does not exist, atomically.
+
+        :returns: True if renamed, False if ``key`` exists, None if this
+            directory cannot tell (the caller then holds the lock and replaces).
+        """
+        if not self.noreplace:
+            return None
+        target = self.file(key)
+        if (
+            _renameat2(
+                _AT_FDCWD, os.fsencode(temp), _AT_FDCWD, os.fsencode(target), _RENAME_NOREPLACE
+            )
+            == 0
+        ):
+            return True
+        code = ctypes.get_errno()
+        if code == errno.EEXIST:
+            return False
+        if code in _NO_NOREPLACE:
+            self.noreplace = False  # the lock alone guards writes here from now on
+            return None
+        raise OSError(code, os.strerror(code), target)  # ENOENT: FileNotFoundError
+
     def read(
         self, key: str, ttl: float | None, most: int | None = None
     ) -> tuple[bytes | None, float]:
-        """A file's payload (None if missing, empty or expired) and its mtime.
+        """A file's payload (None if missing, empty or expired) and its mtime
+        (:data:`MISSING` if there is no file).
 
         :raises TooLarge: the file holds more than ``most`` bytes (when given).
         """
         try:
             fd = os.open(self.file(key), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
-            return None, 0.0
+            return None, MISSING
         try:
             st = os.fstat(fd)
             if stat.S_ISDIR(st.st_mode):
@@ -198,9 +262,21 @@ class ResultDirectory:
         """Write a file; with ``guarded``, not over a SUCCESS (unless it is ``value``)."""
         temp = self.write_temp(value, ttl)  # the slow part, outside the lock
         try:
+            # Nothing stored yet, nothing to guard: created without the lock.
+            if guarded and self.create(temp, key):
+                return True
             with self.locked():
                 if guarded:
-                    current, _ = self.read(key, ttl)
+                    while True:
+                        current, mtime = self.read(key, ttl)
+                        if mtime != MISSING:
+                            break
+                        # Gone since: created only where still missing, as above.
+                        created = self.create(temp, key)
+                        if created is None:
+                            break
+                        if created:
+                            return True
                     if current is not None and current != value and self._is_success(current):
                         _unlink_quietly(temp)
                         return False
@@ -211,7 +287,14 @@ class ResultDirectory:
             raise
 
     def delete(self, key: str) -> None:
-        _unlink_quietly(self.file(key))
+        # Under the lock: a guarded writer holding it has checked the file and
+        # replaces it; were it deleted meanwhile, a write without the lock could
+        # create a SUCCESS there that the replace would then overwrite.
+        try:
+            with self.locked():
+                _unlink_quietly(self.file(key))
+        except FileNotFoundError:
+            pass  # no directory (the lock could not be made): no file either
 
     # ------------------------------------------------------------ chords
 
