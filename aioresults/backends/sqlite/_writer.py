@@ -329,12 +329,15 @@ class Writer:
         other job met (it runs next), or None."""
         queue = self._queue
         deadline = 0.0
+        linger = last > 1 and self._commit_delay > 0
         while len(batch) < self._max_batch:
+            if not linger and queue.empty():
+                return None  # (the common case, without raising Empty)
             try:
                 job = queue.get_nowait()
             except Empty:
                 # Under load (the last batch had company), wait a little for more.
-                if last <= 1 or self._commit_delay <= 0:
+                if not linger:
                     return None
                 if not deadline:
                     deadline = time.monotonic() + self._commit_delay
@@ -436,6 +439,9 @@ class Writer:
         conn = self._conn
         if conn is None:
             raise self._closed()
+        # Before: the old connection must not write at all once the file is
+        # swapped, as its -wal and -shm files, found by name, are now the new
+        # file's (its frames would land in the new database).
         self.check_file()
         result = work(conn)
         # Deleted or replaced during the transaction: never acknowledge a commit
