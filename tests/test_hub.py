@@ -529,7 +529,7 @@ def test_siblings_are_woken_and_leave_when_closed_or_dropped() -> None:
     assert key in _feeds._siblings
     del second  # dropped unclosed: its entry goes with it
     gc.collect()
-    assert key not in _feeds._siblings
+    assert not _feeds._siblings.get(key)  # its entry went; the dict may stay
     _feeds.wake_siblings(key, ["a"])  # a store without hubs: nothing to do
     _feeds.leave_siblings("another store", other)  # type: ignore[arg-type]
     assert "another store" not in _feeds._siblings

@@ -290,17 +290,17 @@ _siblings: dict[object, dict[int, weakref.ref[WaiterHub]]] = {}
 
 def join_siblings(key: object, hub: WaiterHub) -> None:
     """Register ``hub`` as one of the hubs on the store named by ``key``."""
-    hubs = _siblings.setdefault(key, {})
     number = id(hub)
 
     def gone(ref: weakref.ref[WaiterHub]) -> None:
+        # Runs whenever the collector does (any thread): it removes its own
+        # entry only, never the store's dict, which a join may be filling.
         now = _siblings.get(key)
         if now is not None and now.get(number) is ref:
-            del now[number]
-            if not now:
-                del _siblings[key]
+            now.pop(number, None)
 
-    hubs[number] = weakref.ref(hub, gone)
+    ref = weakref.ref(hub, gone)
+    _siblings.setdefault(key, {})[number] = ref
 
 
 def leave_siblings(key: object, hub: WaiterHub) -> None:
@@ -308,9 +308,9 @@ def leave_siblings(key: object, hub: WaiterHub) -> None:
     if hubs is not None:
         ref = hubs.get(id(hub))
         if ref is not None and ref() is hub:
-            del hubs[id(hub)]
+            hubs.pop(id(hub), None)
         if not hubs:
-            del _siblings[key]
+            _siblings.pop(key, None)
 
 
 def wake_siblings(key: object, task_ids: Sequence[str], raws: Sequence[Any] | None = None) -> None:

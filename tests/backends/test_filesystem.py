@@ -999,6 +999,16 @@ async def test_a_file_gone_while_the_lock_was_awaited_is_created(
     assert (await backend.get_meta("t")).result == "mine"
 
 
+async def test_a_dangling_link_at_a_result_is_replaced(make_file_backend: BackendFactory) -> None:
+    """A name that reads as missing but exists (a dangling symlink) is decided
+    by one more read under the lock, and replaced: the write does not spin."""
+    backend = await make(make_file_backend)
+    await backend.mark_as_done("warm", 0)  # the directory is made on opening
+    os.symlink("nowhere", os.path.join(backend.path, backend.task_key("t")))
+    assert await asyncio.wait_for(backend.mark_as_done("t", 1), 10)
+    assert (await backend.get_meta("t")).result == 1
+
+
 async def test_without_renameat2_every_write_takes_the_lock(
     make_file_backend: BackendFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -212,6 +212,8 @@ class ResultDirectory:
         code = ctypes.get_errno()
         if code == errno.EEXIST:
             return False
+        if code == errno.EPERM:
+            return None  # a sandbox, or this file: the lock guards this write
         if code in _NO_NOREPLACE:
             self.noreplace = False  # the lock alone guards writes here from now on
             return None
@@ -267,16 +269,17 @@ class ResultDirectory:
                 return True
             with self.locked():
                 if guarded:
-                    while True:
-                        current, mtime = self.read(key, ttl)
-                        if mtime != MISSING:
-                            break
+                    current, mtime = self.read(key, ttl)
+                    if mtime == MISSING:
                         # Gone since: created only where still missing, as above.
                         created = self.create(temp, key)
-                        if created is None:
-                            break
                         if created:
                             return True
+                        if created is False:
+                            # A name is there (a new record, or a dangling link
+                            # that reads as missing): only locked writers can
+                            # remove it now, so one more read decides.
+                            current, _ = self.read(key, ttl)
                     if current is not None and current != value and self._is_success(current):
                         _unlink_quietly(temp)
                         return False
