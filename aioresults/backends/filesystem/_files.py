@@ -46,11 +46,10 @@ _LENGTH = struct.Struct(">I")
 MISSING = float("-inf")
 _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
-#: renameat2() errors that mean "not here" (the kernel, the C library, the file
-#: system or a sandbox): such a directory takes the lock for every write.
-_NO_NOREPLACE = frozenset(
-    (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM)
-)
+#: renameat2() errors that mean "not here" (the kernel, the C library or the
+#: file system): such a directory takes the lock for every write. (EPERM, which a
+#: sandbox may give for one call, makes that one write take it.)
+_NO_NOREPLACE = frozenset((errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP))
 
 if sys.platform != "win32":
     import fcntl
