@@ -669,7 +669,9 @@ def report(
         "encoded by the backend's codec, the file checked for a swap before and after. "
         "Callers queue their write straight to the writer thread, which writes a lone "
         "write as one statement and everything else queued in one `BEGIN IMMEDIATE` "
-        "transaction, and answers the batch with one call into the event loop.",
+        "transaction, and answers the batch with one call into the event loop, woken "
+        "through an eventfd of the backend's own (aiosqlite's answers go through the "
+        "loop's self-pipe).",
     ]
 
 
@@ -719,7 +721,9 @@ def limits(
         f"are the difference). With one writer ({ratio(1, 'floor')} the floor, "
         f"{ratio(1, 'same-row')} plain aiosqlite writing aioresults' row) a store waits "
         "for the same two hand-offs as the floor's, one to a thread and one back, "
-        "each a thread wake-up; what differs is CPU, "
+        "each a thread wake-up (the way back is cheaper: one eventfd write and one "
+        "read, where `call_soon_threadsafe` costs a socket send and two receives); "
+        "what differs is CPU, "
         f"{used(1, 'now')} per store against the floor's {used(1, 'floor')}: the "
         "record built and checked as a `ResultMeta` and encoded by the codec, the "
         "batch bookkeeping that answers each caller on its own, the wider row. Doing "

@@ -1,9 +1,10 @@
 """The filesystem backend's worker threads, on asyncio.
 
 Blocking file work goes to a few threads of the backend's own: a call is put
-on their queue and answered with one call into the event loop, which costs
-about half of a trip through :func:`anyio.to_thread.run_sync` (no checkpoint
-first, no capacity limiter, no cancel scope). As there, a caller cancelled
+on their queue and answered with one call into the event loop (through
+:class:`~.._loopcalls.LoopCalls`), which costs less than half of a trip
+through :func:`anyio.to_thread.run_sync` (no checkpoint first, no capacity
+limiter, no cancel scope). As there, a caller cancelled
 while its call runs waits for the call to end before the cancellation goes
 on, so no file operation outlives the call that asked for it. Under trio the
 backend uses :func:`anyio.to_thread.run_sync` instead.
@@ -16,6 +17,8 @@ import threading
 from collections.abc import Callable
 from queue import SimpleQueue
 from typing import Any, TypeVar
+
+from .._loopcalls import LoopCalls, call_in_loop, open_calls
 
 __all__ = ["Workers"]
 
@@ -67,6 +70,8 @@ class Workers:
         self._queue: SimpleQueue[_Call | None] = SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._busy = 0  # calls queued or running (counted in the event loop)
+        #: The way back into the event loop the calls come from.
+        self._calls: LoopCalls | None = None
 
     def __len__(self) -> int:
         """Threads started."""
@@ -75,6 +80,11 @@ class Workers:
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` in a worker thread."""
         loop = asyncio.get_running_loop()
+        calls = self._calls
+        if calls is None or (calls.loop is not loop and calls.loop.is_closed()):
+            if calls is not None:
+                calls.close()
+            self._calls = open_calls(loop)
         future: asyncio.Future[T] = loop.create_future()
         call = _Call(fn, args, future, loop)
         self._busy += 1
@@ -104,6 +114,9 @@ class Workers:
         for _ in self._threads:
             self._queue.put(_STOP)
         self._threads = []
+        calls, self._calls = self._calls, None
+        if calls is not None:
+            calls.close()  # answers still to come take the loop's own way
 
     def _serve(self) -> None:
         queue = self._queue
@@ -117,7 +130,4 @@ class Workers:
                 result = call.fn(*call.args)
             except BaseException as exc:
                 error = exc
-            try:
-                call.loop.call_soon_threadsafe(call.answer, result, error)
-            except RuntimeError:  # the loop is closed: nobody is waiting any more
-                pass
+            call_in_loop(self._calls, call.loop, call.answer, result, error)

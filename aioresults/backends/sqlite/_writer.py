@@ -5,10 +5,11 @@ work from a queue, in order. A store is put on the queue by its caller itself,
 with no task of the event loop in between; the thread commits every store it
 finds waiting in one ``BEGIN IMMEDIATE`` transaction (group commit: while one
 batch commits, the next one queues up; a lone store is one statement, its own
-transaction) and answers the whole batch with one call into the event loop.
+transaction) and answers the whole batch with one call into the event loop
+(through :class:`~.._loopcalls.LoopCalls`: one eventfd write and one read).
 So a store costs one hand-off to the thread and one back, as one statement of
-a plain aiosqlite connection does. Other work (opening, forget, groups, chords,
-cleanup) is one queued call each.
+a plain aiosqlite connection does, and the hand-back costs less. Other work
+(opening, forget, groups, chords, cleanup) is one queued call each.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from ..._exceptions import (
     BackendUnavailable,
     StoreNotFound,
 )
+from .._loopcalls import LoopCalls, call_in_loop, open_calls
 from .._support import ErrorTable, _copy
 from . import _schema
 from ._rows import Expired, SuccessFound, Write, most_rows, store_each, store_many, store_one
@@ -130,14 +132,6 @@ class Writes:
             self._idle.set()
 
 
-def _to_loop(future: asyncio.Future[Any], callback: Callable[..., None], *args: Any) -> None:
-    """From the writer's thread: ``callback(*args)`` in the event loop of ``future``."""
-    try:
-        future.get_loop().call_soon_threadsafe(callback, *args)
-    except RuntimeError:  # that loop is closed: nobody is waiting any more
-        pass
-
-
 def _answer(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
     if not future.done():
         if error is not None:
@@ -186,6 +180,8 @@ class Writer:
         self._max_batch = max_batch
         self._queue: SimpleQueue[Any] = SimpleQueue()
         self._thread: threading.Thread | None = None
+        #: The way back into the event loop that opened the writer.
+        self._calls: LoopCalls | None = None
         #: Used in the writer's thread only.
         self._conn: sqlite3.Connection | None = None
         self._inode: tuple[int, int] | None = None
@@ -200,6 +196,7 @@ class Writer:
         # A daemon: a backend never closed must not keep the interpreter from
         # exiting (SQLite rolls back a transaction cut short there; its callers
         # were never answered).
+        self._calls = open_calls(asyncio.get_running_loop())
         self._thread = threading.Thread(target=self._serve, name="aioresults-sqlite", daemon=True)
         self._thread.start()
         await self._call(self._connect)
@@ -299,6 +296,8 @@ class Writer:
             await self._call(self._disconnect)
         finally:
             self._queue.put(_STOP)
+            if self._calls is not None:
+                self._calls.close()  # answers still to come take the loop's own way
 
     def _disconnect(self) -> None:
         conn, self._conn = self._conn, None
@@ -353,6 +352,12 @@ class Writer:
             batch.append(job)
         return None
 
+    def _to_loop(
+        self, future: asyncio.Future[Any], callback: Callable[..., None], *args: Any
+    ) -> None:
+        """``callback(*args)`` in the event loop of ``future``."""
+        call_in_loop(self._calls, future.get_loop(), callback, *args)
+
     def _run(
         self, fn: Callable[..., Any], args: tuple[Any, ...], future: asyncio.Future[Any]
     ) -> None:
@@ -361,9 +366,9 @@ class Writer:
         try:
             result = fn(*args)
         except BaseException as exc:
-            _to_loop(future, _answer, future, None, exc)
+            self._to_loop(future, _answer, future, None, exc)
         else:
-            _to_loop(future, _answer, future, result, None)
+            self._to_loop(future, _answer, future, result, None)
 
     def _store(self, batch: list[Write]) -> None:
         # A write whose caller has gone (cancelled, or failed by a close) before
@@ -384,7 +389,7 @@ class Writer:
                 outcomes = [answers.get(id(w)) for w in batch]
         future = batch[0].future
         assert future is not None  # every queued write has one
-        _to_loop(future, self._writes.settle, batch, outcomes, commits)
+        self._to_loop(future, self._writes.settle, batch, outcomes, commits)
 
     def _commit(self, writes: list[Write]) -> tuple[Outcomes, int]:
         """One transaction for ``writes``; on an error that may be one record's,
