@@ -186,12 +186,103 @@ async def test_a_store_opens_one_eventfd_and_closing_it_closes_that(
 
 
 def test_a_filesystem_backend_used_from_a_second_loop_answers_there(tmp_path: Path) -> None:
+    before = eventfds()
     backend = aioresults.connect(f"file://{tmp_path}/results")
 
-    async def store(n: int) -> Any:
+    async def store(n: int) -> tuple[Any, int]:
         await backend.mark_as_done(f"t{n}", n)
-        return (await backend.get_meta(f"t{n}")).result
+        return (await backend.get_meta(f"t{n}")).result, eventfds()
 
-    assert asyncio.run(store(1)) == 1
-    assert asyncio.run(store(2)) == 2  # the first loop is closed: a new way back is opened
+    assert asyncio.run(store(1)) == (1, before + 1)
+    # The first loop is closed: its eventfd is closed, one for this loop opened.
+    assert asyncio.run(store(2)) == (2, before + 1)
     asyncio.run(backend.aclose())
+    assert eventfds() == before
+
+
+async def test_a_sqlite_file_swap_reopens_with_one_eventfd(tmp_path: Path) -> None:
+    before = eventfds()
+    path = tmp_path / "r.db"
+    backend = aioresults.connect(f"sqlite:///{path}")
+    assert await backend.mark_as_done("a", 1)
+    await anyio.Path(path).unlink()
+    with pytest.raises(aioresults.BackendUnavailable):
+        await backend.mark_as_done("b", 2)  # reported, then reopened on a new file
+    assert await backend.mark_as_done("c", 3)
+    assert eventfds() == before + 1  # the old writer's is closed
+    await backend.aclose()
+    assert eventfds() == before
+
+
+async def test_calls_racing_close_each_run_once() -> None:
+    loop = asyncio.get_running_loop()
+    for _ in range(20):
+        calls = opened(loop)
+        seen: list[int] = []
+        go = threading.Event()
+
+        def send(calls: LoopCalls, go: threading.Event, seen: list[int], base: int) -> None:
+            go.wait()
+            for n in range(base, base + 500):
+                calls.call(seen.append, n)
+
+        threads = [threading.Thread(target=send, args=(calls, go, seen, t * 500)) for t in range(3)]
+        for thread in threads:
+            thread.start()
+        go.set()
+        await asyncio.sleep(0)
+        calls.close()  # while the threads are still calling, as a rule
+        for thread in threads:
+            thread.join()
+        with anyio.fail_after(5):
+            while len(seen) < 1500:
+                await asyncio.sleep(0.001)
+        await asyncio.sleep(0.01)
+        assert sorted(seen) == list(range(1500))  # every call ran, none twice
+
+
+def test_keyboard_interrupt_leaves_the_loop_and_the_rest_run_at_its_next_turn() -> None:
+    loop = asyncio.new_event_loop()
+    calls = opened(loop)
+    ran: list[str] = []
+
+    def interrupt() -> None:
+        raise KeyboardInterrupt
+
+    try:
+        for callback, args in ((interrupt, ()), (ran.append, ("after",))):
+            thread = threading.Thread(target=calls.call, args=(callback, *args))
+            thread.start()
+            thread.join()
+        with pytest.raises(KeyboardInterrupt):
+            loop.run_until_complete(asyncio.sleep(1))
+        assert ran == []
+        loop.run_until_complete(asyncio.sleep(0.01))
+        assert ran == ["after"]
+        calls.close()
+    finally:
+        loop.close()
+
+
+def test_close_after_an_interrupt_runs_each_call_once() -> None:
+    loop = asyncio.new_event_loop()
+    calls = opened(loop)
+    ran: list[str] = []
+    reported: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: reported.append(context))
+
+    def interrupt() -> None:
+        raise KeyboardInterrupt
+
+    try:
+        for callback, args in ((interrupt, ()), (ran.append, ("a",)), (ran.append, ("b",))):
+            thread = threading.Thread(target=calls.call, args=(callback, *args))
+            thread.start()
+            thread.join()
+        with pytest.raises(KeyboardInterrupt):
+            loop.run_until_complete(asyncio.sleep(1))
+        calls.close()  # schedules the rest again: each still runs once
+        loop.run_until_complete(asyncio.sleep(0.01))
+        assert ran == ["a", "b"] and reported == []
+    finally:
+        loop.close()

@@ -70,8 +70,10 @@ class Workers:
         self._queue: SimpleQueue[_Call | None] = SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._busy = 0  # calls queued or running (counted in the event loop)
-        #: The way back into the event loop the calls come from.
+        #: The way back into the event loop the calls come from (None: that
+        #: loop's call_soon_threadsafe), and the loop it was opened for.
         self._calls: LoopCalls | None = None
+        self._calls_loop: asyncio.AbstractEventLoop | None = None
 
     def __len__(self) -> int:
         """Threads started."""
@@ -80,11 +82,8 @@ class Workers:
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` in a worker thread."""
         loop = asyncio.get_running_loop()
-        calls = self._calls
-        if calls is None or (calls.loop is not loop and calls.loop.is_closed()):
-            if calls is not None:
-                calls.close()
-            self._calls = open_calls(loop)
+        if self._calls_loop is not loop:
+            self._open_calls(loop)
         future: asyncio.Future[T] = loop.create_future()
         call = _Call(fn, args, future, loop)
         self._busy += 1
@@ -109,12 +108,24 @@ class Workers:
         finally:
             self._busy -= 1
 
+    def _open_calls(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Answer in ``loop`` from now on, unless the current way back serves a
+        loop still open (the backend used from a second loop at the same time:
+        that loop's answers take its own way)."""
+        calls = self._calls
+        if self._calls_loop is not None and not self._calls_loop.is_closed():
+            return
+        if calls is not None:
+            calls.close()
+        self._calls = open_calls(loop)
+        self._calls_loop = loop
+
     def close(self) -> None:
         """Stop the threads once the calls queued before are done."""
         for _ in self._threads:
             self._queue.put(_STOP)
         self._threads = []
-        calls, self._calls = self._calls, None
+        calls, self._calls, self._calls_loop = self._calls, None, None
         if calls is not None:
             calls.close()  # answers still to come take the loop's own way
 
