@@ -182,6 +182,29 @@ async def test_a_missing_bucket_is_not_created_when_create_is_false(
         await backend.get_meta(new_id())
 
 
+async def test_many_clients_opening_one_new_bucket_at_once_all_open(
+    connect: Callable[..., NatsBackend],
+) -> None:
+    for _ in range(40):
+        bucket = new_bucket()
+        backends = [connect(bucket=bucket) for _ in range(8)]
+        await asyncio.gather(*(b.mark_as_done(f"t{n}", n) for n, b in enumerate(backends)))
+        metas = await backends[0].get_many([f"t{n}" for n in range(8)])
+        assert [m.result for m in metas] == list(range(8))
+
+
+async def test_a_stream_of_another_name_over_the_buckets_subjects_is_an_error(
+    connect: Callable[..., NatsBackend], js: Any
+) -> None:
+    bucket = new_bucket()
+    await js.add_stream(name=f"OTHER_{bucket}", subjects=[f"$KV.{bucket}.>"])
+    try:
+        with pytest.raises(ar.BackendError, match="subjects overlap"):
+            await connect(bucket=bucket).get_meta(new_id())
+    finally:
+        await js.delete_stream(f"OTHER_{bucket}")
+
+
 async def test_values_over_max_payload_are_refused(connect: Callable[..., NatsBackend]) -> None:
     backend = connect()
     task_id = new_id()

@@ -46,6 +46,9 @@ _OPERATION = "KV-Operation"
 _EXPECTED_LAST = "Nats-Expected-Last-Subject-Sequence"
 _WRONG_LAST = (10071, 10164)
 _STREAM_IN_USE = 10058
+#: What the server may answer instead while the same stream is being created
+#: by another connection at the same moment.
+_SUBJECTS_OVERLAP = 10065
 _READS_IN_FLIGHT = 128
 
 
@@ -204,9 +207,14 @@ class Bucket:
         try:
             await self.js.create_key_value(config)
         except nats.js.errors.APIError as exc:
-            if exc.err_code != _STREAM_IN_USE:
+            if exc.err_code not in (_STREAM_IN_USE, _SUBJECTS_OVERLAP):
                 raise
-            # Created by someone else meanwhile (with other settings): use theirs.
+            # Created by someone else meanwhile (perhaps with other settings):
+            # use theirs. An overlap with a stream of another name is an error.
+            try:
+                return await self.js.stream_info(self.stream)
+            except nats.js.errors.NotFoundError:
+                raise exc from None
         return await self.js.stream_info(self.stream)
 
     async def close(self) -> None:
