@@ -196,9 +196,9 @@ class Writer:
         # A daemon: a backend never closed must not keep the interpreter from
         # exiting (SQLite rolls back a transaction cut short there; its callers
         # were never answered).
-        self._calls = open_calls(asyncio.get_running_loop())
         self._thread = threading.Thread(target=self._serve, name="aioresults-sqlite", daemon=True)
         self._thread.start()
+        self._calls = open_calls(asyncio.get_running_loop())  # (read by the thread as it answers)
         await self._call(self._connect)
         self.accepting = True
 
