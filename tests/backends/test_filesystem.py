@@ -1009,36 +1009,163 @@ async def test_a_dangling_link_at_a_result_is_replaced(make_file_backend: Backen
     assert (await backend.get_meta("t")).result == 1
 
 
-async def test_without_renameat2_every_write_takes_the_lock(
-    make_file_backend: BackendFactory, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A file system (or kernel, or sandbox) that refuses RENAME_NOREPLACE turns
-    the lock-free create off for the directory; writes stay guarded by the lock."""
+def refuse_renameat2(monkeypatch: pytest.MonkeyPatch, code: int) -> list[Any]:
+    """Make renameat2 fail with ``code``; returns the calls made to it."""
     import ctypes
-    import errno
 
     from aioresults.backends.filesystem import _files
 
-    calls = []
+    calls: list[Any] = []
 
     def refused(*args: Any) -> int:
         calls.append(args)
-        ctypes.set_errno(errno.EINVAL)
+        ctypes.set_errno(code)
         return -1
 
     monkeypatch.setattr(_files, "_renameat2", refused)
+    return calls
+
+
+def temp_files(directory: str) -> list[str]:
+    return [name for name in files(directory) if name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("code", ["EINVAL", "EPERM"])
+async def test_without_renameat2_a_new_result_is_linked_into_place(
+    make_file_backend: BackendFactory, monkeypatch: pytest.MonkeyPatch, code: str
+) -> None:
+    """A file system, C library or sandbox that refuses RENAME_NOREPLACE: a new
+    result is hard-linked into place, which also creates it only where none is,
+    so it still needs no lock (EINVAL turns renameat2 off for the directory,
+    EPERM, which a sandbox may give for one call, is tried again)."""
+    import errno
+
+    calls = refuse_renameat2(monkeypatch, getattr(errno, code))
     backend = await make(make_file_backend)
-    assert backend._dir.noreplace
+    assert backend._dir.noreplace and backend._dir.links
     assert await backend.mark_as_done("first", 1)
-    assert len(calls) == 1 and not backend._dir.noreplace
+    assert len(calls) == 1 and backend._dir.noreplace == (code == "EPERM")
+    with holding_the_lock(backend.path):
+        assert await asyncio.wait_for(backend.mark_as_done("second", 2), 10)
+        assert await asyncio.wait_for(backend.mark_as_started("third"), 10)
+        again = asyncio.create_task(backend.mark_as_done("third", 3))
+        await asyncio.sleep(0.2)
+        assert not again.done()  # a file is there: the lock decides
+    assert await asyncio.wait_for(again, 10)
+    assert not await backend.mark_as_started("first")  # never over a SUCCESS
+    assert [(await backend.get_meta(t)).result for t in ("first", "second", "third")] == [1, 2, 3]
+    assert len(calls) == (5 if code == "EPERM" else 1)  # one per guarded write
+    assert temp_files(backend.path) == []
+    for name in ("first", "second"):
+        assert os.stat(os.path.join(backend.path, backend.task_key(name))).st_nlink == 1
+
+
+async def test_without_renameat2_or_links_every_write_takes_the_lock(
+    make_file_backend: BackendFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file system with neither RENAME_NOREPLACE nor hard links: every write
+    takes the lock, and no longer tries either."""
+    import errno
+
+    calls = refuse_renameat2(monkeypatch, errno.EINVAL)
+    links: list[Any] = []
+
+    def no_links(*args: Any, **kwargs: Any) -> None:
+        links.append(args)
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    backend = await make(make_file_backend)
+    assert await backend.mark_as_done("first", 1)
+    assert (len(calls), len(links)) == (1, 1)
+    assert not backend._dir.noreplace and not backend._dir.links
     with holding_the_lock(backend.path):
         store = asyncio.create_task(backend.mark_as_done("second", 2))
         await asyncio.sleep(0.2)
         assert not store.done()
     assert await asyncio.wait_for(store, 10)
     assert not await backend.mark_as_started("first")
-    assert len(calls) == 1
+    assert (len(calls), len(links)) == (1, 1)
     assert [(await backend.get_meta(t)).result for t in ("first", "second")] == [1, 2]
+    assert temp_files(backend.path) == []
+
+
+async def test_a_link_that_fails_otherwise_is_the_callers_error(
+    make_file_backend: BackendFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another error of link() (here: no space) fails that store, leaves no
+    temporary file, and does not turn links off."""
+    import errno
+
+    refuse_renameat2(monkeypatch, errno.EINVAL)
+    real = os.link
+    failing = [True]
+
+    def full(*args: Any, **kwargs: Any) -> None:
+        if failing.pop(0) if failing else False:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(os, "link", full)
+    backend = await make(make_file_backend)
+    with pytest.raises(ar.BackendError):
+        await backend.mark_as_done("t", 1)
+    assert backend._dir.links and temp_files(backend.path) == []
+    assert (await backend.get_meta("t")).status == states.PENDING
+    assert await backend.mark_as_done("t", 2)
+    assert (await backend.get_meta("t")).result == 2
+
+
+@pytest.mark.parametrize("moment", ["before the link", "after a read"])
+async def test_writers_with_and_without_renameat2_never_replace_a_success(
+    make_file_backend: BackendFactory, monkeypatch: pytest.MonkeyPatch, moment: str
+) -> None:
+    """One directory, two processes' ways of creating: A renames with
+    RENAME_NOREPLACE (no lock), B cannot and links. A's SUCCESS lands at the
+    worst moment of B's SUCCESS of the same new id: exactly one of them is
+    stored, and its value is the one in the file."""
+    from aioresults.backends.filesystem import _files
+
+    a = await make(make_file_backend)
+    b = await make(make_file_backend)
+    await a.mark_as_done("warm", 0)
+    await b.get_meta("warm")
+    b._dir.noreplace = False  # as a process whose renameat2 is refused
+    loop = asyncio.get_running_loop()
+    stored_a: list[bool] = []
+
+    def a_lands() -> None:  # in B's worker thread, at the chosen moment
+        if not stored_a:
+            stored_a.append(
+                asyncio.run_coroutine_threadsafe(a.mark_as_done("t", "A"), loop).result(10)
+            )
+
+    if moment == "before the link":
+        real_link = os.link
+
+        def link(*args: Any, **kwargs: Any) -> None:
+            a_lands()
+            real_link(*args, **kwargs)
+
+        monkeypatch.setattr(os, "link", link)
+    else:
+        real_read = _files.ResultDirectory.read
+
+        def read(self: Any, *args: Any, **kwargs: Any) -> Any:
+            found = real_read(self, *args, **kwargs)
+            if self is b._dir:
+                a_lands()
+            return found
+
+        monkeypatch.setattr(_files.ResultDirectory, "read", read)
+    stored_b = await b.mark_as_done("t", "B")
+    if not stored_a:
+        stored_a.append(await a.mark_as_done("t", "A"))
+    assert [stored_a[0], stored_b].count(True) == 1
+    winner = "A" if stored_a[0] else "B"
+    assert (await a.get_meta("t")).result == winner
+    assert (await b.get_meta("t")).result == winner
+    assert temp_files(a.path) == []
 
 
 async def test_create_false_never_makes_the_directory(tmp_path: Path) -> None:

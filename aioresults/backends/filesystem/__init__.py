@@ -10,9 +10,10 @@ file in the same directory, is flushed to disk and then renamed over the
 result, so no reader ever sees an empty or half-written record. Checks that
 must not race with another process (never overwrite SUCCESS, count a chord
 part once) run under an exclusive ``flock`` on ``<dir>/.aioresults.lock``;
-on Linux a result that has no file yet needs no check, and is renamed into
-place with ``renameat2(RENAME_NOREPLACE)``, which creates it only where it is
-still missing, without the lock.
+a result that has no file yet needs no check, and is renamed into place
+with Linux's ``renameat2(RENAME_NOREPLACE)`` (elsewhere, or where that is
+refused, hard-linked into place), which creates it only where it is still
+missing, without the lock.
 Chord bookkeeping lives next to the group: ``celery-taskset-meta-<id>.s``
 (size), ``.n`` (counter) and the hidden directory ``.celery-taskset-meta-<id>.p``
 (one file per counted part, holding its count and receipt).

@@ -5,8 +5,9 @@ renamed over its target, so no reader ever sees half a record. Checks that
 must not race with another process run under an exclusive ``flock`` on
 ``<dir>/.aioresults.lock``, with one exception: a guarded write of a result
 that has no file yet (the common case) is renamed into place with Linux's
-``renameat2(RENAME_NOREPLACE)``, which creates the file only where there is
-none, atomically, so it needs no lock. A write that finds a file there takes
+``renameat2(RENAME_NOREPLACE)``, or hard-linked into place where that is
+refused; both create the file only where there is none, atomically, so it
+needs no lock. A write that finds a file there takes
 the lock and checks it, and so does every delete, so a file a locked writer
 has checked cannot go and come back before that writer is done. Expiry
 deadlines live in an extended attribute where the file system has them.
@@ -47,9 +48,14 @@ MISSING = float("-inf")
 _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
 #: renameat2() errors that mean "not here" (the kernel, the C library or the
-#: file system): such a directory takes the lock for every write. (EPERM, which a
-#: sandbox may give for one call, makes that one write take it.)
+#: file system): such a directory links new results into place from then on.
+#: (EPERM, which a sandbox may give for one call, makes that one write link.)
 _NO_NOREPLACE = frozenset((errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP))
+#: link() errors that mean "no hard links here" (such a directory takes the lock
+#: for every write; EMLINK, too many links to one file, for that write only).
+_NO_LINKS = frozenset(
+    (errno.EPERM, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK)
+)
 
 if sys.platform != "win32":
     import fcntl
@@ -97,8 +103,10 @@ class ResultDirectory:
         self._limit = max_value_size
         self._is_success = is_success
         self.xattrs = hasattr(os, "setxattr")
-        #: Whether guarded writes of new results may skip the lock (see the module).
+        #: How guarded writes of new results may skip the lock (see the module):
+        #: renameat2(RENAME_NOREPLACE), else a hard link.
         self.noreplace = _renameat2 is not None
+        self.links = hasattr(os, "link")
 
     # ------------------------------------------------------------ basics
 
@@ -193,30 +201,45 @@ class ResultDirectory:
         os.replace(temp, self.file(key))
 
     def create(self, temp: str, key: str) -> bool | None:
-        """Rename ``temp`` to ``key`` only if ``key`` does not exist, atomically.
+        """Give ``temp``'s file the name ``key`` only if ``key`` does not exist,
+        atomically: renamed with ``renameat2(RENAME_NOREPLACE)``, or, where that
+        is refused, hard-linked (``link`` never replaces a name either) and
+        ``temp`` unlinked.
 
-        :returns: True if renamed, False if ``key`` exists, None if this
-            directory cannot tell (the caller then holds the lock and replaces).
+        :returns: True if created (``temp`` is gone), False if ``key`` exists,
+            None if this directory can do neither (the caller then holds the
+            lock and replaces).
         """
-        if not self.noreplace:
-            return None
         target = self.file(key)
-        if (
-            _renameat2(
-                _AT_FDCWD, os.fsencode(temp), _AT_FDCWD, os.fsencode(target), _RENAME_NOREPLACE
-            )
-            == 0
-        ):
-            return True
-        code = ctypes.get_errno()
-        if code == errno.EEXIST:
-            return False
-        if code == errno.EPERM:
-            return None  # a sandbox, or this file: the lock guards this write
-        if code in _NO_NOREPLACE:
-            self.noreplace = False  # the lock alone guards writes here from now on
+        if self.noreplace:
+            if (
+                _renameat2(
+                    _AT_FDCWD, os.fsencode(temp), _AT_FDCWD, os.fsencode(target), _RENAME_NOREPLACE
+                )
+                == 0
+            ):
+                return True
+            code = ctypes.get_errno()
+            if code == errno.EEXIST:
+                return False
+            if code in _NO_NOREPLACE:
+                self.noreplace = False  # links from now on (or the lock)
+            elif code != errno.EPERM:  # EPERM: a sandbox, or this file; a link may do
+                raise OSError(code, os.strerror(code), target)  # ENOENT: FileNotFoundError
+        if not self.links:
             return None
-        raise OSError(code, os.strerror(code), target)  # ENOENT: FileNotFoundError
+        try:
+            os.link(temp, target)
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            if exc.errno not in _NO_LINKS:
+                raise
+            if exc.errno != errno.EMLINK:
+                self.links = False  # the lock alone guards writes here from now on
+            return None
+        _unlink_quietly(temp)  # the record keeps its new name
+        return True
 
     def read(
         self, key: str, ttl: float | None, most: int | None = None
