@@ -238,7 +238,10 @@ class ResultDirectory:
             if exc.errno != errno.EMLINK:
                 self.links = False  # the lock alone guards writes here from now on
             return None
-        _unlink_quietly(temp)  # the record keeps its new name
+        # The record is stored under its new name: a temporary name that cannot
+        # be removed now is left for cleanup(), not reported as a failed store.
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
         return True
 
     def read(
