@@ -1060,11 +1060,13 @@ async def test_without_renameat2_a_new_result_is_linked_into_place(
         assert os.stat(os.path.join(backend.path, backend.task_key(name))).st_nlink == 1
 
 
+@pytest.mark.parametrize("code", ["EPERM", "EACCES"])
 async def test_without_renameat2_or_links_every_write_takes_the_lock(
-    make_file_backend: BackendFactory, monkeypatch: pytest.MonkeyPatch
+    make_file_backend: BackendFactory, monkeypatch: pytest.MonkeyPatch, code: str
 ) -> None:
-    """A file system with neither RENAME_NOREPLACE nor hard links: every write
-    takes the lock, and no longer tries either."""
+    """A file system with neither RENAME_NOREPLACE nor hard links (EPERM), or a
+    security policy refusing links (EACCES): every write takes the lock, and
+    no longer tries either."""
     import errno
 
     calls = refuse_renameat2(monkeypatch, errno.EINVAL)
@@ -1072,7 +1074,7 @@ async def test_without_renameat2_or_links_every_write_takes_the_lock(
 
     def no_links(*args: Any, **kwargs: Any) -> None:
         links.append(args)
-        raise OSError(errno.EPERM, "Operation not permitted")
+        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
 
     monkeypatch.setattr(os, "link", no_links)
     backend = await make(make_file_backend)
@@ -1114,6 +1116,35 @@ async def test_a_link_that_fails_otherwise_is_the_callers_error(
     assert (await backend.get_meta("t")).status == states.PENDING
     assert await backend.mark_as_done("t", 2)
     assert (await backend.get_meta("t")).result == 2
+
+
+async def test_a_link_answered_exists_after_it_was_made_is_a_store(
+    make_file_backend: BackendFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On NFS a retransmitted link() that had succeeded answers EEXIST: the name
+    is then this write's file, so the store succeeded and its temporary name
+    goes; a name that is another file is still "exists"."""
+    import errno
+
+    refuse_renameat2(monkeypatch, errno.EINVAL)
+    real = os.link
+
+    def retransmitted(src: Any, dst: Any, **kwargs: Any) -> None:
+        real(src, dst, **kwargs)
+        raise FileExistsError(errno.EEXIST, "File exists", dst)
+
+    backend = await make(make_file_backend)
+    await backend.mark_as_done("warm", 0)  # the directory is made on opening
+    monkeypatch.setattr(os, "link", retransmitted)
+    with holding_the_lock(backend.path):  # created without the lock
+        assert await asyncio.wait_for(backend.mark_as_done("t", 1), 10)
+    assert (await backend.get_meta("t")).result == 1
+    assert temp_files(backend.path) == []
+    assert os.stat(os.path.join(backend.path, backend.task_key("t"))).st_nlink == 1
+    monkeypatch.setattr(os, "link", real)
+    assert not await backend.mark_as_done("t", 2)  # EEXIST for another file
+    assert (await backend.get_meta("t")).result == 1
+    assert temp_files(backend.path) == []
 
 
 @pytest.mark.parametrize("moment", ["before the link", "after a read"])

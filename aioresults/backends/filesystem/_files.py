@@ -1,7 +1,8 @@
 """The filesystem backend's blocking file work, run in worker threads.
 
 Every write goes to a hidden temporary file that is flushed to disk and
-renamed over its target, so no reader ever sees half a record. Checks that
+renamed over its target (or, for a new result, linked into place), so no
+reader ever sees half a record. Checks that
 must not race with another process run under an exclusive ``flock`` on
 ``<dir>/.aioresults.lock``, with one exception: a guarded write of a result
 that has no file yet (the common case) is renamed into place with Linux's
@@ -51,10 +52,12 @@ _RENAME_NOREPLACE = 1
 #: file system): such a directory links new results into place from then on.
 #: (EPERM, which a sandbox may give for one call, makes that one write link.)
 _NO_NOREPLACE = frozenset((errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP))
-#: link() errors that mean "no hard links here" (such a directory takes the lock
-#: for every write; EMLINK, too many links to one file, for that write only).
+#: link() errors that mean "no hard links here" (the file system, or a security
+#: policy: the temporary file was just created in the same directory, so a plain
+#: permission problem would have failed that first); such a directory takes the
+#: lock for every write from then on.
 _NO_LINKS = frozenset(
-    (errno.EPERM, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK)
+    (errno.EPERM, errno.EACCES, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV)
 )
 
 if sys.platform != "win32":
@@ -92,6 +95,13 @@ _renameat2 = _load_renameat2()
 def _unlink_quietly(path: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samestat(os.stat(a), os.stat(b, follow_symlinks=False))
+    except OSError:
+        return False
 
 
 class ResultDirectory:
@@ -231,12 +241,14 @@ class ResultDirectory:
         try:
             os.link(temp, target)
         except FileExistsError:
-            return False
+            # On NFS a retransmitted link() that had succeeded answers EEXIST:
+            # then the name is already this file.
+            if not _same_file(temp, target):
+                return False
         except OSError as exc:
             if exc.errno not in _NO_LINKS:
                 raise
-            if exc.errno != errno.EMLINK:
-                self.links = False  # the lock alone guards writes here from now on
+            self.links = False  # the lock alone guards writes here from now on
             return None
         # The record is stored under its new name: a temporary name that cannot
         # be removed now is left for cleanup(), not reported as a failed store.
