@@ -19,7 +19,7 @@ import pytest
 from aioresults import BaseBackend
 
 #: The order kinds are listed in; a plugin not named here comes after, by name.
-_ORDER = ["memory", "file", "sqlite", "redis", "redis_cluster", "azure"]
+_ORDER = ["memory", "file", "file_full", "sqlite", "redis", "redis_cluster", "azure"]
 #: Every backend kind the contract suite runs on: one per plugin module.
 BACKEND_KINDS = sorted(
     (

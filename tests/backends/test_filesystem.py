@@ -1217,3 +1217,67 @@ async def test_create_false_never_makes_the_directory(tmp_path: Path) -> None:
         with pytest.raises(ar.BackendUnavailable):
             await reader.mark_as_done("u", 2)  # not created again either
         assert not (tmp_path / "real").exists()
+
+
+def synced_directories(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record the directories fsynced from now on (the fsync itself still runs)."""
+    import stat as stat_module
+
+    real = os.fsync
+    synced: list[str] = []
+
+    def fsync(fd: int) -> None:
+        if stat_module.S_ISDIR(os.fstat(fd).st_mode):
+            synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return synced
+
+
+async def test_synchronous_full_fsyncs_each_name_change_with_its_directory(
+    make_file_backend: BackendFactory, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """synchronous="full": a store, a refused store, a chord part and a delete
+    each return after the directory holding the name they changed is fsynced
+    (a refused store changed nothing); a directory made on opening is fsynced
+    into each new parent. synchronous="normal" fsyncs no directory."""
+    normal = await make(make_file_backend, location=tmp_path / "normal")
+    synced = synced_directories(monkeypatch)
+    await normal.mark_as_done("t", 1)
+    await normal.set_chord_size("g", 2)
+    await normal.chord_part_return("g", "p1", states.SUCCESS, 1)
+    await normal.forget("t")
+    assert synced == []
+
+    where = tmp_path / "new" / "full"
+    full = await make(make_file_backend, location=where, synchronous="full")
+    await full.get_meta("nothing")  # opens: makes both directories
+    assert synced == [str(tmp_path), str(tmp_path / "new")]
+    synced.clear()
+    assert await full.mark_as_done("t", 1)
+    assert synced == [str(where)]
+    assert not await full.mark_as_started("t")
+    assert synced == [str(where)]
+    synced.clear()
+    await full.set_chord_size("g", 2)
+    assert synced == [str(where)]
+    synced.clear()
+    await full.chord_part_return("g", "p1", states.SUCCESS, 1)
+    parts = str(where / f".{full.group_key('g')}.p")
+    # the counter, the new parts directory's name, then the part itself
+    assert synced == [str(where), str(where), parts]
+    synced.clear()
+    await full.chord_part_return("g", "p2", states.SUCCESS, 2)
+    assert synced == [str(where), parts]
+    synced.clear()
+    await full.forget("t")
+    assert synced == [str(where)]
+    assert (await full.get_meta("t")).status == states.PENDING
+
+
+async def test_synchronous_is_normal_or_full(make_file_backend: BackendFactory) -> None:
+    assert (await make(make_file_backend)).synchronous == "normal"
+    assert (await make(make_file_backend, synchronous="FULL")).synchronous == "full"
+    with pytest.raises(ar.ConfigurationError, match='"normal" or "full"'):
+        await make(make_file_backend, synchronous="extra")

@@ -13,7 +13,8 @@ part once) run under an exclusive ``flock`` on ``<dir>/.aioresults.lock``;
 a result that has no file yet needs no check, and is renamed into place
 with Linux's ``renameat2(RENAME_NOREPLACE)`` (elsewhere, or where that is
 refused, hard-linked into place), which creates it only where it is still
-missing, without the lock.
+missing, without the lock. With ``synchronous="full"`` the directory is
+fsynced as well before a write returns, so it also survives a power loss.
 Chord bookkeeping lives next to the group: ``celery-taskset-meta-<id>.s``
 (size), ``.n`` (counter) and the hidden directory ``.celery-taskset-meta-<id>.p``
 (one file per counted part, holding its count and receipt).
@@ -106,6 +107,12 @@ class FilesystemBackend(KeyValueBackend):
         ``file://`` URL.
     :param watch: ``"auto"`` (inotify where available, else polling),
         ``"notify"`` (inotify; an error where unavailable) or ``"poll"``.
+    :param synchronous: ``"normal"`` (the default: each record's file is
+        fsynced before it is renamed into place; a store survives the process
+        being killed, and a power loss leaves each record whole, old or new) or
+        ``"full"`` (the directory is fsynced too, before a store, a chord part
+        or a delete returns, so it also survives a power loss; one more fsync
+        each).
     :param options: see :class:`~aioresults.KeyValueBackend` and
         :class:`~aioresults.BaseBackend` (``poll_interval``, ``expires``, ...).
     :raises ConfigurationError: an option is invalid.
@@ -120,6 +127,7 @@ class FilesystemBackend(KeyValueBackend):
         location: str | os.PathLike[str] | None = None,
         *,
         watch: str = "auto",
+        synchronous: str = "normal",
         path: str | os.PathLike[str] | None = None,
         **options: Any,
     ) -> None:
@@ -144,8 +152,16 @@ class FilesystemBackend(KeyValueBackend):
         self.watch = _watch_option(watch)
         if self.watch == "notify" and not _inotify.available():
             raise ConfigurationError('watch="notify" needs Linux\'s inotify; use "auto" or "poll"')
+        if not isinstance(synchronous, str) or synchronous.lower() not in ("normal", "full"):
+            raise ConfigurationError(f'synchronous must be "normal" or "full", not {synchronous!r}')
+        self.synchronous = synchronous.lower()
         self.path = directory
-        self._dir = ResultDirectory(directory, self.codec.max_value_size, self.is_success)
+        self._dir = ResultDirectory(
+            directory,
+            self.codec.max_value_size,
+            self.is_success,
+            full_sync=self.synchronous == "full",
+        )
         self._workers = Workers("aioresults-files", most=40)  # as many as anyio allows
         self._errors = ErrorTable(
             [

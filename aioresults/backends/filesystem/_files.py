@@ -107,8 +107,17 @@ def _same_file(a: str, b: str) -> bool:
 class ResultDirectory:
     """One result directory and what can be done to it (blocking calls)."""
 
-    def __init__(self, path: str, max_value_size: int, is_success: Callable[[bytes], bool]) -> None:
+    def __init__(
+        self,
+        path: str,
+        max_value_size: int,
+        is_success: Callable[[bytes], bool],
+        full_sync: bool = False,
+    ) -> None:
         self.path = path
+        #: Also fsync a directory after a name in it is made or removed, so a
+        #: write survives a power loss once it returns (``synchronous="full"``).
+        self.full_sync = full_sync
         self._lock_path = os.path.join(path, LOCK_NAME)
         self._limit = max_value_size
         self._is_success = is_success
@@ -122,8 +131,15 @@ class ResultDirectory:
 
     def prepare(self) -> None:
         """Create the directory if missing and check that it is usable."""
+        missing = []  # the directories made here, deepest first
+        path = self.path
+        while not os.path.lexists(path) and os.path.dirname(path) != path:
+            missing.append(path)
+            path = os.path.dirname(path)
         try:
             os.makedirs(self.path, exist_ok=True)
+            for made in reversed(missing):
+                self.sync_names(os.path.dirname(made))
         except FileExistsError as exc:
             raise ConfigurationError(f"result path {self.path} is not a directory") from exc
         except OSError as exc:  # a parent is a file (ENOTDIR), not writable, ...
@@ -142,6 +158,17 @@ class ResultDirectory:
             raise ConfigurationError(
                 f"result directory {self.path} is not writable: {exc.strerror or exc}"
             ) from exc
+
+    def sync_names(self, directory: str | None = None) -> None:
+        """With :attr:`full_sync`, fsync ``directory`` (default: the result
+        directory), so the names made or removed in it are on disk."""
+        if not self.full_sync:
+            return
+        fd = os.open(directory or self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def file(self, key: str) -> str:
         return os.path.join(self.path, key)
@@ -299,6 +326,12 @@ class ResultDirectory:
 
     def set(self, key: str, value: bytes, ttl: float | None, guarded: bool) -> bool:
         """Write a file; with ``guarded``, not over a SUCCESS (unless it is ``value``)."""
+        stored = self._set(key, value, ttl, guarded)
+        if stored:
+            self.sync_names()
+        return stored
+
+    def _set(self, key: str, value: bytes, ttl: float | None, guarded: bool) -> bool:
         temp = self.write_temp(value, ttl)  # the slow part, outside the lock
         try:
             # Nothing stored yet, nothing to guard: created without the lock.
@@ -334,7 +367,8 @@ class ResultDirectory:
             with self.locked():
                 _unlink_quietly(self.file(key))
         except FileNotFoundError:
-            pass  # no directory (the lock could not be made): no file either
+            return  # no directory (the lock could not be made): no file either
+        self.sync_names()
 
     # ------------------------------------------------------------ chords
 
@@ -353,6 +387,7 @@ class ResultDirectory:
                 self.replace(temp, f"{group_key}.s")
         finally:
             _unlink_quietly(temp)
+        self.sync_names()
 
     def chord_count(
         self, group_key: str, part_id: str, payload: bytes, receipt: str, ttl: float | None
@@ -389,7 +424,15 @@ class ResultDirectory:
                 self.replace(temp, f"{group_key}.n")
             finally:
                 _unlink_quietly(temp)
-            os.makedirs(directory, exist_ok=True)
+            # With full_sync the counter is on disk before the part (the order
+            # a crash relies on, see above), and so is a new parts directory.
+            self.sync_names()
+            try:
+                os.mkdir(directory)
+            except FileExistsError:
+                pass
+            else:
+                self.sync_names()
             # The directory is what cleanup() sees: it carries the chord's expiry
             # too, restarted by each part (else it would expire by its age alone).
             self.stamp(directory, ttl)
@@ -399,6 +442,7 @@ class ResultDirectory:
                 os.replace(temp, os.path.join(directory, name))
             finally:
                 _unlink_quietly(temp)
+            self.sync_names(directory)
             return PartCount(count, size, True)
 
     def _read_counter(self, group_key: str, ttl: float | None) -> tuple[int, str]:
