@@ -1220,64 +1220,105 @@ async def test_create_false_never_makes_the_directory(tmp_path: Path) -> None:
 
 
 def synced_directories(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Record the directories fsynced from now on (the fsync itself still runs)."""
+    """Record the directories fsynced from now on (the fsync itself still runs),
+    and, as ``"-> name"``, every ``os.replace`` onto a name, in order."""
     import stat as stat_module
 
-    real = os.fsync
+    real_fsync, real_replace = os.fsync, os.replace
     synced: list[str] = []
 
     def fsync(fd: int) -> None:
         if stat_module.S_ISDIR(os.fstat(fd).st_mode):
             synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        real(fd)
+        real_fsync(fd)
+
+    def replace(src: Any, dst: Any, **kwargs: Any) -> None:
+        real_replace(src, dst, **kwargs)
+        synced.append(f"-> {os.path.basename(dst)}")
 
     monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
     return synced
 
 
 async def test_synchronous_full_fsyncs_each_name_change_with_its_directory(
     make_file_backend: BackendFactory, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """synchronous="full": a store, a refused store, a chord part and a delete
-    each return after the directory holding the name they changed is fsynced
-    (a refused store changed nothing); a directory made on opening is fsynced
-    into each new parent. synchronous="normal" fsyncs no directory."""
+    """synchronous="FULL": a store (also a refused one), a chord's start and
+    parts, and a delete each return after the directory holding the name they
+    changed is fsynced; a chord's counter is on disk before its part; a
+    directory made on opening is fsynced into each new parent.
+    synchronous="NORMAL" fsyncs no directory."""
     normal = await make(make_file_backend, location=tmp_path / "normal")
     synced = synced_directories(monkeypatch)
     await normal.mark_as_done("t", 1)
     await normal.set_chord_size("g", 2)
     await normal.chord_part_return("g", "p1", states.SUCCESS, 1)
     await normal.forget("t")
-    assert synced == []
+    assert [s for s in synced if not s.startswith("->")] == []
 
     where = tmp_path / "new" / "full"
-    full = await make(make_file_backend, location=where, synchronous="full")
+    full = await make(make_file_backend, location=where, synchronous="FULL")
+    synced.clear()
     await full.get_meta("nothing")  # opens: makes both directories
     assert synced == [str(tmp_path), str(tmp_path / "new")]
     synced.clear()
-    assert await full.mark_as_done("t", 1)
+    assert await full.mark_as_done("t", 1)  # created with renameat2 (not os.replace)
     assert synced == [str(where)]
+    synced.clear()
     assert not await full.mark_as_started("t")
     assert synced == [str(where)]
     synced.clear()
     await full.set_chord_size("g", 2)
-    assert synced == [str(where)]
+    size = f"{full.group_key('g')}.s"
+    counter = f"{full.group_key('g')}.n"
+    assert synced == [f"-> {size}", str(where)]
     synced.clear()
     await full.chord_part_return("g", "p1", states.SUCCESS, 1)
     parts = str(where / f".{full.group_key('g')}.p")
-    # the counter, the new parts directory's name, then the part itself
-    assert synced == [str(where), str(where), parts]
+    part = hashlib.sha256(b"p1").hexdigest()
+    # the counter on disk, then the new parts directory's name, then the part
+    assert synced == [f"-> {counter}", str(where), str(where), f"-> {part}", parts]
     synced.clear()
     await full.chord_part_return("g", "p2", states.SUCCESS, 2)
-    assert synced == [str(where), parts]
+    assert synced[:2] == [f"-> {counter}", str(where)] and synced[-1] == parts
     synced.clear()
     await full.forget("t")
     assert synced == [str(where)]
     assert (await full.get_meta("t")).status == states.PENDING
 
 
+@pytest.mark.parametrize("code", ["EIO", "EINVAL"])
+async def test_a_directory_fsync_that_fails(
+    make_file_backend: BackendFactory, monkeypatch: pytest.MonkeyPatch, code: str
+) -> None:
+    """A directory fsync that fails with EIO: the store raises BackendError
+    saying the record is there but may not survive a power loss, and it is
+    there. A file system that cannot fsync a directory (EINVAL): stores go on."""
+    import errno
+    import stat as stat_module
+
+    backend = await make(make_file_backend, synchronous="FULL")
+    await backend.get_meta("warm")
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        if stat_module.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    if code == "EIO":
+        with pytest.raises(ar.BackendError, match="is made, but .* may not survive a power loss"):
+            await backend.mark_as_done("t", 1)
+    else:
+        assert await backend.mark_as_done("t", 1)
+    assert (await backend.get_meta("t")).result == 1
+    assert temp_files(backend.path) == []
+
+
 async def test_synchronous_is_normal_or_full(make_file_backend: BackendFactory) -> None:
-    assert (await make(make_file_backend)).synchronous == "normal"
-    assert (await make(make_file_backend, synchronous="FULL")).synchronous == "full"
-    with pytest.raises(ar.ConfigurationError, match='"normal" or "full"'):
-        await make(make_file_backend, synchronous="extra")
+    assert (await make(make_file_backend)).synchronous == "NORMAL"
+    assert (await make(make_file_backend, synchronous="full")).synchronous == "FULL"
+    with pytest.raises(ar.ConfigurationError, match='"NORMAL" or "FULL"'):
+        await make(make_file_backend, synchronous="EXTRA")

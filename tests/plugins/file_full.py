@@ -1,4 +1,4 @@
-"""The filesystem backend with ``synchronous="full"`` in the contract suite:
+"""The filesystem backend with ``synchronous="FULL"`` in the contract suite:
 every name change is fsynced with its directory before the call returns."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ async def make_file_full_backend(tmp_path: Path) -> AsyncIterator[BackendFactory
     directory = tmp_path / "results"
 
     def create(**options: Any) -> FilesystemBackend:
-        options.setdefault("synchronous", "full")
+        options.setdefault("synchronous", "FULL")
         return FilesystemBackend(options.pop("location", directory), **options)
 
     factory = BackendFactory(create)

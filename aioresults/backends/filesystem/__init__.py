@@ -13,7 +13,7 @@ part once) run under an exclusive ``flock`` on ``<dir>/.aioresults.lock``;
 a result that has no file yet needs no check, and is renamed into place
 with Linux's ``renameat2(RENAME_NOREPLACE)`` (elsewhere, or where that is
 refused, hard-linked into place), which creates it only where it is still
-missing, without the lock. With ``synchronous="full"`` the directory is
+missing, without the lock. With ``synchronous="FULL"`` the directory is
 fsynced as well before a write returns, so it also survives a power loss.
 Chord bookkeeping lives next to the group: ``celery-taskset-meta-<id>.s``
 (size), ``.n`` (counter) and the hidden directory ``.celery-taskset-meta-<id>.p``
@@ -107,12 +107,13 @@ class FilesystemBackend(KeyValueBackend):
         ``file://`` URL.
     :param watch: ``"auto"`` (inotify where available, else polling),
         ``"notify"`` (inotify; an error where unavailable) or ``"poll"``.
-    :param synchronous: ``"normal"`` (the default: each record's file is
+    :param synchronous: ``"NORMAL"`` (the default: each record's file is
         fsynced before it is renamed into place; a store survives the process
         being killed, and a power loss leaves each record whole, old or new) or
-        ``"full"`` (the directory is fsynced too, before a store, a chord part
-        or a delete returns, so it also survives a power loss; one more fsync
-        each).
+        ``"FULL"`` (the directory is fsynced too before a store, a chord's
+        start or part, or a ``forget()`` returns, so it also survives a power
+        loss; one more fsync each). Any case; SQLite's names for the same
+        trade.
     :param options: see :class:`~aioresults.KeyValueBackend` and
         :class:`~aioresults.BaseBackend` (``poll_interval``, ``expires``, ...).
     :raises ConfigurationError: an option is invalid.
@@ -127,7 +128,7 @@ class FilesystemBackend(KeyValueBackend):
         location: str | os.PathLike[str] | None = None,
         *,
         watch: str = "auto",
-        synchronous: str = "normal",
+        synchronous: str = "NORMAL",
         path: str | os.PathLike[str] | None = None,
         **options: Any,
     ) -> None:
@@ -152,15 +153,14 @@ class FilesystemBackend(KeyValueBackend):
         self.watch = _watch_option(watch)
         if self.watch == "notify" and not _inotify.available():
             raise ConfigurationError('watch="notify" needs Linux\'s inotify; use "auto" or "poll"')
-        if not isinstance(synchronous, str) or synchronous.lower() not in ("normal", "full"):
-            raise ConfigurationError(f'synchronous must be "normal" or "full", not {synchronous!r}')
-        self.synchronous = synchronous.lower()
+        if not isinstance(synchronous, str) or synchronous.upper() not in ("NORMAL", "FULL"):
+            raise ConfigurationError(f'synchronous must be "NORMAL" or "FULL", not {synchronous!r}')
         self.path = directory
         self._dir = ResultDirectory(
             directory,
             self.codec.max_value_size,
             self.is_success,
-            full_sync=self.synchronous == "full",
+            full_sync=synchronous.upper() == "FULL",
         )
         self._workers = Workers("aioresults-files", most=40)  # as many as anyio allows
         self._errors = ErrorTable(
@@ -170,6 +170,11 @@ class FilesystemBackend(KeyValueBackend):
             ],
             lambda: f"result directory {self.path}",
         )
+
+    @property
+    def synchronous(self) -> str:
+        """``"NORMAL"`` or ``"FULL"`` (see the class)."""
+        return "FULL" if self._dir.full_sync else "NORMAL"
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> FilesystemBackend:

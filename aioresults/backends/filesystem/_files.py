@@ -30,7 +30,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from ..._exceptions import BackendCorrupted, ConfigurationError
+from ..._exceptions import BackendCorrupted, BackendError, ConfigurationError
 from .._chords import PartCount
 
 __all__ = ["ResultDirectory", "TooLarge"]
@@ -59,6 +59,9 @@ _NO_NOREPLACE = frozenset((errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPN
 _NO_LINKS = frozenset(
     (errno.EPERM, errno.EACCES, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV)
 )
+#: fsync() errors on a directory that mean "the file system does not do that"
+#: (SQLite ignores those too): the names are then as safe as it makes them.
+_NO_DIR_SYNC = frozenset((errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP))
 
 if sys.platform != "win32":
     import fcntl
@@ -116,7 +119,7 @@ class ResultDirectory:
     ) -> None:
         self.path = path
         #: Also fsync a directory after a name in it is made or removed, so a
-        #: write survives a power loss once it returns (``synchronous="full"``).
+        #: write survives a power loss once it returns (``synchronous="FULL"``).
         self.full_sync = full_sync
         self._lock_path = os.path.join(path, LOCK_NAME)
         self._limit = max_value_size
@@ -138,8 +141,6 @@ class ResultDirectory:
             path = os.path.dirname(path)
         try:
             os.makedirs(self.path, exist_ok=True)
-            for made in reversed(missing):
-                self.sync_names(os.path.dirname(made))
         except FileExistsError as exc:
             raise ConfigurationError(f"result path {self.path} is not a directory") from exc
         except OSError as exc:  # a parent is a file (ENOTDIR), not writable, ...
@@ -148,6 +149,8 @@ class ResultDirectory:
             ) from exc
         if not os.path.isdir(self.path):
             raise ConfigurationError(f"result path {self.path} is not a directory")
+        for made in reversed(missing):
+            self.sync_names(os.path.dirname(made))
         try:
             os.unlink(self.write_temp(b"test", None))
             with self.locked():
@@ -164,11 +167,24 @@ class ResultDirectory:
         directory), so the names made or removed in it are on disk."""
         if not self.full_sync:
             return
-        fd = os.open(directory or self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        where = directory or self.path
         try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            fd = os.open(where, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except FileNotFoundError:
+            return  # removed since, with the names in it: nothing left to flush
+        except OSError as exc:
+            if exc.errno in _NO_DIR_SYNC:
+                return
+            # The change is made (a reader sees it), so this is not a failed
+            # write: say what is not known.
+            raise BackendError(
+                f"the change in {where} is made, but the directory could not be "
+                f"flushed to disk ({exc.strerror or exc}): it may not survive a power loss"
+            ) from exc
 
     def file(self, key: str) -> str:
         return os.path.join(self.path, key)
@@ -327,8 +343,8 @@ class ResultDirectory:
     def set(self, key: str, value: bytes, ttl: float | None, guarded: bool) -> bool:
         """Write a file; with ``guarded``, not over a SUCCESS (unless it is ``value``)."""
         stored = self._set(key, value, ttl, guarded)
-        if stored:
-            self.sync_names()
+        # Refused too: the SUCCESS found may be another writer's, not yet flushed.
+        self.sync_names()
         return stored
 
     def _set(self, key: str, value: bytes, ttl: float | None, guarded: bool) -> bool:
