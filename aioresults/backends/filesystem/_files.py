@@ -440,15 +440,11 @@ class ResultDirectory:
                 self.replace(temp, f"{group_key}.n")
             finally:
                 _unlink_quietly(temp)
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(directory)
             # With full_sync the counter is on disk before the part (the order
             # a crash relies on, see above), and so is a new parts directory.
             self.sync_names()
-            try:
-                os.mkdir(directory)
-            except FileExistsError:
-                pass
-            else:
-                self.sync_names()
             # The directory is what cleanup() sees: it carries the chord's expiry
             # too, restarted by each part (else it would expire by its age alone).
             self.stamp(directory, ttl)
