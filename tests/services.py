@@ -988,9 +988,12 @@ class NatsServer(_Server):
 
     kind = "nats"
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, config: str = "") -> None:
+        """:param config: the text of a configuration file to start it with
+        (e.g. an ``authorization`` block); the flags set the rest."""
         super().__init__(port)
         self.store_dir = self.directory / "js"
+        self.config = config
 
     @property
     def url(self) -> str:
@@ -1002,7 +1005,12 @@ class NatsServer(_Server):
 
     def _argv(self) -> list[str]:
         binary = shutil.which("nats-server") or "/usr/sbin/nats-server"
-        return [binary, "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(self.store_dir)]
+        argv = [binary, "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(self.store_dir)]
+        if self.config:
+            path = self.directory / "nats.conf"
+            path.write_text(self.config)
+            argv += ["-c", str(path)]
+        return argv
 
     def _ready(self) -> bool:
         return bool(self.info().get("jetstream"))

@@ -193,6 +193,42 @@ async def test_many_clients_opening_one_new_bucket_at_once_all_open(
         assert [m.result for m in metas] == list(range(8))
 
 
+async def test_a_bucket_is_read_by_direct_gets_where_the_server_answers_them(
+    connect: Callable[..., NatsBackend],
+) -> None:
+    backend = connect()
+    assert await backend.mark_as_done("t", 1)
+    assert backend._bucket.direct
+
+
+#: A user the server refuses direct gets to (the JetStream API is allowed).
+_NO_DIRECT_GETS = """
+authorization {
+  users = [
+    {user: "reader", password: "secret", permissions: {publish: {deny: ["$JS.API.DIRECT.GET.>"]}}}
+  ]
+}
+"""
+
+
+async def test_a_server_that_does_not_answer_direct_gets_is_read_through_the_api(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A direct get that is never answered (a permission here; also a stream
+    another client has only just created): opening tries one within
+    ``timeout`` and then reads through the JetStream API, instead of letting
+    every read time out."""
+    with NatsServer(config=_NO_DIRECT_GETS) as server:
+        url = f"nats://reader:secret@127.0.0.1:{server.port}"
+        async with NatsBackend(url, bucket=new_bucket(), timeout=0.5) as backend:
+            assert await backend.mark_as_done("t", 1)
+            assert not backend._bucket.direct
+            assert (await backend.get_meta("t")).result == 1
+            assert not await backend.mark_as_started("t")  # the guard reads too
+            assert (await backend.get_meta("missing")).status == states.PENDING
+    assert "does not answer direct gets" in caplog.text
+
+
 async def test_a_stream_of_another_name_over_the_buckets_subjects_is_an_error(
     connect: Callable[..., NatsBackend], js: Any
 ) -> None:

@@ -50,6 +50,8 @@ _STREAM_IN_USE = 10058
 #: by another connection at the same moment.
 _SUBJECTS_OVERLAP = 10065
 _READS_IN_FLIGHT = 128
+#: The key a direct get is tried for on opening (never written).
+_PROBE_KEY = "aioresults-direct-get-probe"
 
 
 class WrongRevision(Exception):
@@ -179,10 +181,10 @@ class Bucket:
         try:
             with self.errors.translating(f"opening bucket {self.name!r}"):
                 info = await self._bucket_info(create, ttl)
+            self.direct = bool(info.config.allow_direct) and await self._direct_answers()
         except BaseException:
             await self.close()
             raise
-        self.direct = bool(info.config.allow_direct)
         self.ttl = info.config.max_age or None
         limits = [self.nc.max_payload, info.config.max_msg_size or 0]
         self.max_message = min(limit for limit in limits if limit and limit > 0)
@@ -216,6 +218,42 @@ class Bucket:
             except nats.js.errors.NotFoundError:
                 raise exc from None
         return await self.js.stream_info(self.stream)
+
+    async def _direct_answers(self) -> bool:
+        """Whether the server answers direct gets on the stream; if not, reads
+        go through the JetStream API (the stream leader), as they do where
+        the stream does not allow direct gets.
+
+        A stream that another client has just created can be found before
+        it answers them (nats-server 2.9 registers the stream first), and a
+        direct get sent then is never answered: it would time out. So one is
+        tried here, for a key that is never written, again after a pause that
+        doubles while none is answered, within ``timeout``; a permission that
+        forbids direct gets ends the same way.
+        """
+        assert self.nc is not None
+        subject = f"$JS.API.DIRECT.GET.{self.stream}.{self.prefix}{_PROBE_KEY}"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        wait = 0.05
+        while True:
+            remaining = deadline - loop.time()
+            with self.errors.translating(f"opening bucket {self.name!r}"):
+                try:
+                    await self.nc.request(subject, b"", timeout=max(min(wait, remaining), 0.001))
+                    return True
+                except nats.errors.TimeoutError:
+                    if remaining <= wait:
+                        break
+                except nats.errors.NoRespondersError:
+                    break
+            wait *= 2
+        logger.warning(
+            "NATS bucket %r: the server does not answer direct gets; reading through "
+            "the JetStream API instead",
+            self.name,
+        )
+        return False
 
     async def close(self) -> None:
         nc, self.nc, self.js = self.nc, None, None
