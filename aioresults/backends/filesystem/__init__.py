@@ -153,14 +153,12 @@ class FilesystemBackend(KeyValueBackend):
         self.watch = _watch_option(watch)
         if self.watch == "notify" and not _inotify.available():
             raise ConfigurationError('watch="notify" needs Linux\'s inotify; use "auto" or "poll"')
-        if not isinstance(synchronous, str) or synchronous.upper() not in ("NORMAL", "FULL"):
+        sync = synchronous.upper() if isinstance(synchronous, str) else None
+        if sync not in ("NORMAL", "FULL"):
             raise ConfigurationError(f'synchronous must be "NORMAL" or "FULL", not {synchronous!r}')
         self.path = directory
         self._dir = ResultDirectory(
-            directory,
-            self.codec.max_value_size,
-            self.is_success,
-            full_sync=synchronous.upper() == "FULL",
+            directory, self.codec.max_value_size, self.is_success, full_sync=sync == "FULL"
         )
         self._workers = Workers("aioresults-files", most=40)  # as many as anyio allows
         self._errors = ErrorTable(
